@@ -14,8 +14,9 @@ class Entity:
     """One side of a relation.
 
     Text entities (MNRE heads and tails, MORE heads) carry a token ``span`` ``[start, end)``;
-    MORE's tail is an object in the image and carries a ``box`` ``(x0, y0, x1, y1)`` in pixels of
-    the original image instead. ``type`` is the coarse NER type word (``person``, ``location``,
+    MORE's tail is an object in the image and carries a ``box`` ``(x0, y0, x1, y1)`` of corners
+    normalized to ``[0, 1]`` of the image instead (MORE's own convention, so no image file is
+    needed to read it). ``type`` is the coarse NER type word (``person``, ``location``,
     ...), filled by ``roc_jax.data.entity_types`` at build time; ``""`` when untyped.
     """
 

@@ -1,0 +1,242 @@
+"""Shared parsing and validation for the raw dict-per-line formats of MNRE and MORE.
+
+Both data sets store one Python dict literal per line (single quotes: ``ast.literal_eval``, never
+``eval`` and not JSON). Every check here names the file, the 1-based line number, the field and
+the reason, so that ``strict`` mode can raise an error a user can act on, and the default mode can
+count the skipped lines by reason (``ReadResult.skipped``) instead of dropping them silently.
+
+Skip reasons (the keys of ``ReadResult.skipped``):
+
+- ``malformed_line``: not a Python literal, or not a dict;
+- ``bad_field``: a required field is missing or has the wrong type;
+- ``span_out_of_range``: a token span ``[start, end)`` outside ``0 <= start < end <= len(tokens)``;
+- ``span_name_mismatch``: the span's tokens do not spell the entity's name (see ``names_match``);
+- ``bad_box``: an image-object box that is not 4 finite numbers inside the image;
+- ``unknown_label``: a relation that is not in the label file;
+- ``unreadable_image``: the image file exists but cannot be decoded.
+
+A *missing* image is not a skip: the sample is kept with ``image_path=None`` and counted in
+``ReadResult.missing_images`` (the model masks the image out). ``strict`` mode raises on it too
+unless ``allow_missing_images=True``, because a user who asks for strictness on a full download
+wants to hear about a lost file.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from roc_jax.data.records import Sample
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "malformed_line",
+    "bad_field",
+    "span_out_of_range",
+    "span_name_mismatch",
+    "bad_box",
+    "unknown_label",
+    "unreadable_image",
+)
+
+
+class DataError(ValueError):
+    """A bad line in a raw data file: ``file:line: field 'f': reason``."""
+
+    def __init__(self, file: str | Path, line: int, field: str, reason: str, kind: str):
+        self.file = str(file)
+        self.line = line
+        self.field = field
+        self.reason = reason
+        self.kind = kind  # one of SKIP_REASONS, or "missing_image"
+        super().__init__(f"{file}:{line}: field '{field}': {reason} [{kind}]")
+
+
+@dataclasses.dataclass
+class ReadResult:
+    """What a reader returns: the good samples and an account of everything else.
+
+    ``skipped`` counts dropped lines by reason (``SKIP_REASONS``); ``missing_images`` counts kept
+    samples whose image file does not exist (``Sample.image_path is None``); ``num_lines`` counts
+    the non-blank lines read, so ``num_lines == len(samples) + sum(skipped.values())``.
+    """
+
+    samples: list[Sample]
+    skipped: collections.Counter
+    missing_images: int
+    num_lines: int
+    path: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able counts, as stored in the TFDS metadata."""
+        return {
+            "file": Path(self.path).name,
+            "lines": self.num_lines,
+            "samples": len(self.samples),
+            "missing_images": self.missing_images,
+            "skipped": {reason: int(self.skipped.get(reason, 0)) for reason in SKIP_REASONS},
+        }
+
+
+def iter_dict_lines(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    """Yields ``(line_number, dict)`` for each non-blank line, or a ``DataError`` to report.
+
+    Blank lines (the usual trailing newline) carry no record and are not counted.
+    """
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = ast.literal_eval(line.strip())
+            except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+                yield number, DataError(path, number, "<line>", f"not a Python literal ({e})",
+                                        "malformed_line")
+                continue
+            if not isinstance(record, dict):
+                yield number, DataError(path, number, "<line>",
+                                        f"expected a dict, got {type(record).__name__}",
+                                        "malformed_line")
+                continue
+            yield number, record
+
+
+class LineChecker:
+    """Field accessors that raise ``DataError`` for one line of one file."""
+
+    def __init__(self, path: Path, line: int, record: dict):
+        self.path, self.line, self.record = path, line, record
+
+    def error(self, field: str, reason: str, kind: str) -> DataError:
+        return DataError(self.path, self.line, field, reason, kind)
+
+    def get(self, *keys: str, kind: type | tuple[type, ...]) -> Any:
+        """``record[k0][k1]...`` checked against ``kind`` (a missing key is a ``bad_field``)."""
+        value: Any = self.record
+        for i, key in enumerate(keys):
+            if not isinstance(value, dict) or key not in value:
+                raise self.error(".".join(keys[: i + 1]), "missing", "bad_field")
+            value = value[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise self.error(".".join(keys), f"expected {names}, got {type(value).__name__}",
+                             "bad_field")
+        return value
+
+    def tokens(self, key: str = "token") -> tuple[str, ...]:
+        tokens = self.get(key, kind=list)
+        if not tokens or not all(isinstance(t, str) for t in tokens):
+            raise self.error(key, "expected a non-empty list of str", "bad_field")
+        return tuple(tokens)
+
+    def span(self, entity: str, tokens: tuple[str, ...]) -> tuple[str, tuple[int, int]]:
+        """The entity's name and its checked token span ``[start, end)``."""
+        name = self.get(entity, "name", kind=str)
+        pos = self.get(entity, "pos", kind=(list, tuple))
+        if len(pos) != 2 or not all(isinstance(p, int) and not isinstance(p, bool) for p in pos):
+            raise self.error(f"{entity}.pos", f"expected [start, end] ints, got {pos!r}",
+                             "bad_field")
+        start, end = pos
+        if not 0 <= start < end <= len(tokens):
+            raise self.error(f"{entity}.pos", f"span [{start}, {end}) outside the "
+                             f"{len(tokens)} tokens", "span_out_of_range")
+        text = " ".join(tokens[start:end])
+        if not names_match(text, name):
+            raise self.error(f"{entity}.pos", f"span text {text!r} does not match name "
+                             f"{name!r}", "span_name_mismatch")
+        return name, (start, end)
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def _normalize(text: str) -> str:
+    return _SPACE.sub("", text).lower()
+
+
+def names_match(span_text: str, name: str) -> bool:
+    """Whether the tokens of a span (joined by spaces) spell the entity's name.
+
+    The comparison ignores whitespace and case (tokenization splits ``"Nadal's"`` into
+    ``Nadal 's``), and tolerates a leading ``#``/``@`` on either side (tweets write a hashtag or a
+    mention where an annotator may have typed the bare name). On the real MNRE-2 train and val files
+    all 27,742 entity names equal their span text exactly, so these tolerances reject nothing there.
+    """
+    a, b = _normalize(span_text), _normalize(name)
+    return a == b or a.lstrip("#@") == b.lstrip("#@")
+
+
+def check_image(path: Path) -> str | None:
+    """``None`` when ``path`` decodes as an image, else the reason it does not."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # PIL raises many exception types for a corrupt file.
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def resolve_image(checker: LineChecker, image_dir: Path | None, img_id: str,
+                  check: bool) -> Path | None:
+    """The image's path, ``None`` when the file does not exist; raises when it is unreadable."""
+    if image_dir is None:
+        return None
+    if Path(img_id).name != img_id or img_id in ("", ".", ".."):
+        raise checker.error("img_id", f"{img_id!r} is not a plain file name", "bad_field")
+    path = image_dir / img_id
+    if not path.is_file():
+        return None
+    if check:
+        reason = check_image(path)
+        if reason is not None:
+            raise checker.error("img_id", f"image {path} is unreadable ({reason})",
+                                "unreadable_image")
+    return path
+
+
+class Tally:
+    """Collects samples and skip counts; raises instead in ``strict`` mode."""
+
+    def __init__(self, path: Path, strict: bool, allow_missing_images: bool):
+        self.path = path
+        self.strict = strict
+        self.allow_missing_images = allow_missing_images
+        self.samples: list[Sample] = []
+        self.skipped: collections.Counter = collections.Counter()
+        self.missing_images = 0
+        self.num_lines = 0
+
+    def skip(self, error: DataError) -> None:
+        if self.strict:
+            raise error
+        self.skipped[error.kind] += 1
+        # The first few reasons are logged in full; the rest only in the counts.
+        if self.skipped[error.kind] <= 3:
+            log.warning("skipping %s", error)
+
+    def add(self, sample: Sample, line: int) -> None:
+        if sample.image_path is None:
+            if self.strict and not self.allow_missing_images:
+                raise DataError(self.path, line, "img_id",
+                                f"image {sample.img_id} not found", "missing_image")
+            self.missing_images += 1
+        self.samples.append(sample)
+
+    def result(self) -> ReadResult:
+        result = ReadResult(self.samples, self.skipped, self.missing_images, self.num_lines,
+                            str(self.path))
+        # Skips are worth a warning; a clean read is routine.
+        log.log(logging.WARNING if self.skipped else logging.INFO,
+                "read %s: %d lines, %d samples, %d missing images, skipped %s", self.path,
+                self.num_lines, len(self.samples), self.missing_images,
+                dict(self.skipped) or "none")
+        return result

@@ -1,0 +1,1 @@
+"""TFDS builders of the raw data sets (``mnre``, ``more``); importing a builder registers it."""
