@@ -1,7 +1,7 @@
 """Image decode, resize and normalization for the input pipeline (NHWC, float32).
 
-``ImageSpec`` is what the image tower expects (``weights.load_image_encoder`` returns one); the
-pipeline accepts any object with the same three attributes.
+``ImageSpec`` is what the image tower expects (``weights.load_image_encoder`` returns one, and
+``roc_jax.models.weights`` re-exports it).
 """
 
 from __future__ import annotations

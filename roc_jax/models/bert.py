@@ -1,0 +1,170 @@
+"""A Flax NNX BERT encoder whose parameters map one-to-one onto Hugging Face ``BertModel``.
+
+The name map (HF tensor name -> NNX path) lives in ``roc_jax.models.weights.bert_name_map``; the
+parity test against ``transformers.BertModel`` is ``tests/test_bert.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from roc_jax.models.layers import MultiHeadAttention, activation, dense, layer_norm
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of a HF BERT ``config.json`` that the encoder uses (defaults: a tiny model)."""
+
+    vocab_size: int = 1000
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    add_pooler: bool = True
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json") -> BertConfig:
+        """Builds the config from a HF ``config.json`` dict; rejects non-BERT architectures."""
+        model_type = cfg.get("model_type")
+        if model_type != "bert":
+            raise ValueError(
+                f"{source}: model_type={model_type!r}, expected 'bert' "
+                f"(architectures={cfg.get('architectures')})"
+            )
+        pos = cfg.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise ValueError(
+                f"{source}: position_embedding_type={pos!r}; only 'absolute' is supported"
+            )
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in cfg:
+                kwargs[f.name] = cfg[f.name]
+        missing = [n for n in ("vocab_size", "hidden_size", "num_hidden_layers") if n not in cfg]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {missing}")
+        activation(kwargs.get("hidden_act", cls.hidden_act))  # fail early on an unknown activation
+        return cls(**kwargs)
+
+
+class BertEmbeddings(nnx.Module):
+    """Word + position + token-type embeddings, layer norm, dropout: ``[B, L] -> [B, L, D]``."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        def embed(n: int) -> nnx.Embed:
+            return nnx.Embed(
+                n,
+                config.hidden_size,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                embedding_init=nnx.initializers.normal(0.02),
+                rngs=rngs,
+            )
+
+        self.word_embeddings = embed(config.vocab_size)
+        self.position_embeddings = embed(config.max_position_embeddings)
+        self.token_type_embeddings = embed(config.type_vocab_size)
+        self.layer_norm = layer_norm(
+            config.hidden_size, config.layer_norm_eps, dtype=dtype, rngs=rngs
+        )
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.max_len = config.max_position_embeddings
+
+    def __call__(self, input_ids: Array, token_type_ids: Array | None = None) -> Array:
+        length = input_ids.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} > max_position_embeddings {self.max_len}")
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(jnp.arange(length))[None]
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.layer_norm(x))
+
+
+class BertLayer(nnx.Module):
+    """A post-LN transformer layer: ``(x [B, L, D], mask [B, L]) -> [B, L, D]``.
+
+    ``x = LN(x + Attn(x)); x = LN(x + FFN(x))`` as in BERT. ``mask`` is 1/True for real tokens.
+    """
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.attention = MultiHeadAttention(
+            d,
+            config.num_attention_heads,
+            dropout=config.attention_probs_dropout_prob,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.attention_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
+        self.intermediate = dense(d, config.intermediate_size, dtype=dtype, rngs=rngs)
+        self.output = dense(config.intermediate_size, d, dtype=dtype, rngs=rngs)
+        self.output_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.act = activation(config.hidden_act)
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        if mask is not None:
+            mask = mask.astype(bool)
+        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        h = self.output(self.act(self.intermediate(x)))
+        return self.output_norm(x + self.dropout(h))
+
+
+class BertPooler(nnx.Module):
+    """``tanh(W x[:, 0] + b)``: ``[B, L, D] -> [B, D]`` (HF's pooler_output)."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dense = dense(config.hidden_size, config.hidden_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, hidden: Array) -> Array:
+        return jnp.tanh(self.dense(hidden[:, 0]))
+
+
+class BertEncoder(nnx.Module):
+    """BERT: ``(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L] | None) -> [B, L, D]``.
+
+    Returns HF's ``last_hidden_state``. ``pooler`` (``BertPooler`` or None) is kept so that a
+    checkpoint loads without unexpected keys; call ``encoder.pooler(hidden)`` for ``[B, D]``.
+    Dropout follows NNX modes: ``encoder.eval()`` / ``encoder.train()``.
+    """
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = dtype
+        self.embeddings = BertEmbeddings(config, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [BertLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.pooler = BertPooler(config, dtype=dtype, rngs=rngs) if config.add_pooler else None
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None = None,
+        token_type_ids: Array | None = None,
+    ) -> Array:
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        mask = attention_mask.astype(bool)
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x

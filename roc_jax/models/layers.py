@@ -1,0 +1,158 @@
+"""Building blocks shared by the BERT and ViT encoders.
+
+Parameters are always float32 (``param_dtype``); ``dtype`` is the compute dtype (float32 or
+bfloat16). Softmax and layer-norm statistics are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+
+def quick_gelu(x: Array) -> Array:
+    """CLIP's GELU approximation ``x * sigmoid(1.702 x)``."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _gelu_exact(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: Array) -> Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# Hugging Face ``hidden_act`` names -> functions (the same formulas as transformers' ACT2FN).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    """The activation function for a Hugging Face ``hidden_act`` name."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dense(in_f: int, out_f: int, *, dtype, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+    """``nnx.Linear`` with float32 parameters and a BERT-style N(0, 0.02) kernel init."""
+    return nnx.Linear(
+        in_f,
+        out_f,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+def layer_norm(dim: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """``nnx.LayerNorm`` with float32 parameters and two-pass (stable) variance, like PyTorch."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+class MultiHeadAttention(nnx.Module):
+    """Self-attention with separate query/key/value/output projections (the HF layout).
+
+    ``__call__(x [B, L, D], mask [B, L] bool | None) -> [B, L, D]``. The mask marks the keys that
+    may be attended to; masked logits get the float32 minimum added, as in transformers, so a
+    padded query still yields finite values.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dtype = dtype
+        self.query = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.key = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.value = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.out = dense(dim, dim, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        b, length, _ = x.shape
+        shape = (b, length, self.num_heads, self.head_dim)
+        # Scaling q (not the logits) keeps the [B, H, L, L] tensor's producer a single einsum.
+        q = self.query(x).reshape(shape) * jnp.asarray(self.head_dim**-0.5, self.dtype)
+        k = self.key(x).reshape(shape)
+        v = self.value(x).reshape(shape)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if mask is not None:
+            bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+            logits = logits + bias
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = self.dropout(probs)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, -1)
+        return self.out(ctx)
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys cubic convolution weights for the 4 taps at offsets -1, 0, 1, 2 (PyTorch's a=-0.75)."""
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """``[out, in]`` matrix of ``torch.nn.functional.interpolate(mode='bicubic', align_corners=False)``.
+
+    Built in float64 numpy at trace time (sizes are static), so resizing is two small matmuls.
+    """
+    scale = in_size / out_size
+    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
+    base = np.floor(src)
+    w = _cubic_weights(src - base)  # [out, 4]
+    mat = np.zeros((out_size, in_size), np.float64)
+    for tap in range(4):
+        idx = np.clip(base.astype(np.int64) - 1 + tap, 0, in_size - 1)
+        np.add.at(mat, (np.arange(out_size), idx), w[:, tap])
+    return mat
+
+
+def resize_grid(grid: Array, out_hw: tuple[int, int]) -> Array:
+    """Bicubic resize of a ``[h, w, D]`` grid to ``[H, W, D]``, matching PyTorch (float32)."""
+    h, w, _ = grid.shape
+    if (h, w) == tuple(out_hw):
+        return grid
+    mh = jnp.asarray(bicubic_matrix(h, out_hw[0]), jnp.float32)
+    mw = jnp.asarray(bicubic_matrix(w, out_hw[1]), jnp.float32)
+    grid = grid.astype(jnp.float32)
+    hp = jax.lax.Precision.HIGHEST
+    return jnp.einsum("Hh,Ww,hwd->HWd", mh, mw, grid, precision=hp)
