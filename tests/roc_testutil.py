@@ -1,0 +1,79 @@
+"""Helpers shared by the training / checkpoint / predict tests (tiny config on fixture data)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import ml_collections
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/<name>.py`` -> ``get_config(arg)`` (as config_flags would load it)."""
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def write_fixture_descriptions(path: Path, names: list[str]) -> Path:
+    """The shipped MNRE descriptions restricted to the fixture's label set."""
+    from roc_jax.labels.descriptions import default_mnre_path
+
+    full = json.loads(default_mnre_path().read_text())
+    full["relations"] = {n: full["relations"][n] for n in names}
+    path.write_text(json.dumps(full))
+    return path
+
+
+def tiny_config(data_dir: Path, arg: str | None = "text", **train) -> ml_collections.ConfigDict:
+    """The tiny config on a fixture folder written by ``tests/fixtures.write_mnre_fixture``."""
+    from fixtures import MNRE_FIXTURE_REL2ID
+
+    c = load_config("tiny", arg)
+    c.data.raw_dir = str(data_dir)
+    desc = data_dir / "descriptions.json"
+    if not desc.exists():
+        write_fixture_descriptions(desc, list(MNRE_FIXTURE_REL2ID))
+    c.data.descriptions = str(desc)
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def trained_workdir(base: Path) -> tuple[Path, ml_collections.ConfigDict]:
+    """The tiny text config trained for 2 epochs (4 steps) on 8 devices, once per test session.
+
+    Several test modules share it through ``base`` (the session's pytest base temp folder).
+    """
+    from fixtures import write_mnre_fixture
+
+    from roc_jax import train_lib
+
+    data = base / "mnre_fixture"
+    if not (data / "mnre_train.txt").exists():
+        write_mnre_fixture(data)
+    config = tiny_config(data)
+    workdir = base / "trained"
+    done = workdir / "DONE.json"
+    if not done.exists():
+        result = train_lib.train_and_evaluate(config, workdir)
+        done.write_text(json.dumps({"step": result["step"], "best_step": result["best_step"],
+                                    "dev_f1": result["dev"]["f1"]}))
+    return workdir, config
+
+
+def metrics_rows(workdir: Path) -> list[dict]:
+    """The JSON-lines metrics of a run (hparams rows left out)."""
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "step" in r]
+
+
+def read_state(workdir: Path, step: int) -> dict:
+    """A saved train state as host arrays (no model needed)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")

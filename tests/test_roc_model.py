@@ -1,0 +1,206 @@
+"""The ROC model on tiny random encoders: shapes, masking, retrieval scores, MORE box pooling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from roc_testutil import load_config
+
+from roc_jax.labels.cache import relation_scores
+from roc_jax.models.bert import BertConfig, BertEncoder
+from roc_jax.models.roc import ROC, ROCConfig, box_patch_weights
+from roc_jax.models.vit import ViT, ViTConfig
+
+R, K, B, L, D = 4, 3, 4, 12, 32
+
+
+def _model(head="retrieval", images=True, dtype=jnp.float32, **kw):
+    tcfg = BertConfig(vocab_size=200, hidden_size=D, num_hidden_layers=1, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=32,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    rngs = nnx.Rngs(params=0, dropout=1)
+    vision = None
+    if images:
+        vision = ViT(ViTConfig(variant="vit", image_size=16, patch_size=8, hidden_size=24,
+                               num_hidden_layers=1, num_attention_heads=4, intermediate_size=48),
+                     dtype=dtype, rngs=rngs)
+    cfg = ROCConfig(num_relations=R, description_dim=20, head=head, fusion_layers=1,
+                    proj_dim=8, **kw)
+    return ROC(cfg, BertEncoder(tcfg, dtype=dtype, rngs=rngs), vision, None,
+               image_dim=24 if images else None, dtype=dtype, rngs=rngs)
+
+
+@nnx.jit
+def _forward(model, batch, relations):
+    # One compiled forward per model structure (eager op-by-op dispatch is slow on CPU).
+    return model(batch, relations)
+
+
+def _batch(seed=0, has_image=(True, False, True, False)):
+    rng = np.random.default_rng(seed)
+    return {
+        "input_ids": jnp.asarray(rng.integers(5, 200, (B, L)), jnp.int32),
+        "attention_mask": jnp.asarray(np.arange(L)[None] < np.array([[12], [9], [7], [12]]),
+                                      jnp.int32),
+        "head_index": jnp.asarray([1, 2, 1, 3], jnp.int32),
+        "tail_index": jnp.asarray([5, 4, 3, 6], jnp.int32),
+        "pixel_values": jnp.asarray(rng.normal(size=(B, 16, 16, 3)), jnp.float32),
+        "has_image": jnp.asarray(has_image),
+        "tail_box": jnp.zeros((B, 4), jnp.float32),
+        "tail_is_object": jnp.zeros((B,), bool),
+    }
+
+
+def _relations(seed=1):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((R, K), bool)
+    mask[3, 2] = False  # relations may have fewer descriptions
+    return {"embeddings": jnp.asarray(rng.normal(size=(R, K, 20)), jnp.float32),
+            "mask": jnp.asarray(mask)}
+
+
+def test_retrieval_outputs_and_scores():
+    model = _model()
+    logits, inter = _forward(model, _batch(), _relations())
+    assert logits.shape == (B, R) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.linalg.norm(inter["pair"], axis=-1), 1.0, rtol=1e-5)
+    assert inter["relations"].shape == (R, K, 8)
+    assert float(inter["temperature"]) == pytest.approx(0.07, rel=1e-5)
+    # the score is the cosine to the relation's (mean) description vector / temperature
+    expected = relation_scores(inter["pair"], inter["relations"], _relations()["mask"], "mean",
+                               inter["temperature"])
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(np.asarray(logits) * 0.07) <= 1 + 1e-5)  # cosines in [-1, 1]
+
+
+def test_missing_image_rows_ignore_their_pixels():
+    """has_image False: that row's image tokens are masked out, whatever the pixels hold."""
+    model = _model()
+    b1, b2 = _batch(0), _batch(0)
+    b2["pixel_values"] = b2["pixel_values"].at[1].set(100.0).at[3].set(-7.0)
+    l1, _ = _forward(model, b1, _relations())
+    l2, _ = _forward(model, b2, _relations())
+    np.testing.assert_allclose(l1[1], l2[1], atol=1e-6)
+    np.testing.assert_allclose(l1[3], l2[3], atol=1e-6)
+    assert not np.allclose(l1[0], _forward(model, _batch(5), _relations())[0][0])
+
+
+def test_no_image_in_batch_skips_the_tower_with_the_same_result():
+    """A batch without any image takes the lax.cond branch that skips the ViT: same logits as
+    running the ViT and masking (skip_vision_without_images=False)."""
+    batch = _batch(has_image=(False,) * B)
+    skip = _model()
+    full = _model(skip_vision_without_images=False)
+    np.testing.assert_allclose(_forward(skip, batch, _relations())[0],
+                               _forward(full, batch, _relations())[0],
+                               atol=1e-5)
+
+
+def test_model_without_images_needs_no_pixels_and_with_images_requires_them():
+    text_only = _model(images=False)
+    batch = _batch()
+    del batch["pixel_values"]
+    logits, _ = _forward(text_only, batch, _relations())
+    assert logits.shape == (B, R)
+    with pytest.raises(KeyError, match="no pixel_values"):
+        _model()(batch, _relations())
+
+
+def test_classification_head():
+    model = _model(head="classification")
+    logits, inter = _forward(model, _batch(), None)
+    assert logits.shape == (B, R)
+    assert "relations" not in inter
+
+
+def test_gradients_flow_to_every_new_layer():
+    model = _model()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p, rest, copy=True)(_batch(), _relations())
+        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for name in ("fusion", "pair_mlp", "pair_proj", "rel_proj", "image_proj", "log_temperature"):
+        norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
+        assert norm > 0 and np.isfinite(norm), name
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = _model(dtype=jnp.bfloat16)
+    params = nnx.state(model, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    logits, _ = _forward(model, _batch(), _relations())
+    assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
+
+
+def test_box_patch_weights():
+    # 2x2 grid, patch centres at 0.25 / 0.75; row-major order (y, x)
+    w = box_patch_weights(jnp.asarray([[0.0, 0.0, 1.0, 0.5],      # top row: patches 0, 1
+                                       [0.5, 0.5, 1.0, 1.0],      # bottom right: patch 3
+                                       [0.1, 0.6, 0.2, 0.7]]),    # no centre inside: fallback
+                          2)
+    np.testing.assert_allclose(w, [[0.5, 0.5, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]])
+
+
+def test_more_object_tail_reads_the_box():
+    model = _model()
+    batch = _batch(has_image=(True,) * B)
+    batch["tail_is_object"] = jnp.asarray([True, True, False, False])
+    batch["tail_box"] = jnp.asarray([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1], [0, 0, 0, 0],
+                                     [0, 0, 0, 0]], jnp.float32)
+    states, inter = nnx.jit(lambda m, b: m.pair_states(b))(model, batch)
+    fused = inter["fused"]
+    patches = fused[:, L + 1:]  # [B, 4, D]: 16x16 image, patch 8 -> 2x2 grid
+    np.testing.assert_allclose(states[0, D:], patches[0, 0], atol=1e-6)
+    np.testing.assert_allclose(states[1, D:], patches[1, 3], atol=1e-6)
+    np.testing.assert_allclose(states[2, D:], fused[2, 3], atol=1e-6)  # text tail at index 3
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="model.head='softmax'"):
+        ROCConfig(num_relations=3, description_dim=4, head="softmax")
+
+
+def test_tiny_config_builds_random_encoders_explicitly():
+    from roc_jax.models.roc import create_model
+
+    c = load_config("tiny", "text")
+    assert c.model.random_init is True
+    built = create_model(c.model, use_images=False, num_relations=5)
+    assert built.random_init and built.model.vision is None
+    c.model.random_init = False
+    c.model.text_encoder = "/nonexistent/encoder"
+    with pytest.raises(Exception, match="nonexistent"):
+        create_model(c.model, use_images=False, num_relations=5)
+
+
+def test_trained_description_tower_recomputes_relation_vectors():
+    """model.train_description_tower: the relation vectors come from the description tower's
+    mean-pooled states of the tokenized descriptions, and gradients reach that tower."""
+    tcfg = BertConfig(vocab_size=200, hidden_size=D, num_hidden_layers=1, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=32,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    rngs = nnx.Rngs(params=0, dropout=1)
+    desc = BertEncoder(tcfg, rngs=rngs)
+    cfg = ROCConfig(num_relations=R, description_dim=D, fusion_layers=1, proj_dim=8,
+                    train_description_tower=True)
+    model = ROC(cfg, BertEncoder(tcfg, rngs=rngs), None, desc, rngs=rngs)
+    rng = np.random.default_rng(2)
+    mask = np.ones((R, K), bool)
+    relations = {"input_ids": jnp.asarray(rng.integers(5, 200, (R * K, 6)), jnp.int32),
+                 "attention_mask": jnp.ones((R * K, 6), jnp.int32), "mask": jnp.asarray(mask)}
+    batch = _batch()
+    del batch["pixel_values"]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p, rest, copy=True)(batch, relations)
+        return -jax.nn.log_softmax(logits)[:, 1].mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(value)
+    norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["description"]))
+    assert norm > 0

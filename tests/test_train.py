@@ -1,0 +1,158 @@
+"""End-to-end training on fixture data with the tiny config: 8 fake CPU devices, evaluation,
+restore in a new process, exact resume, 1-vs-8-device equivalence, non-finite stops."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from roc_testutil import REPO, metrics_rows, read_state, tiny_config, trained_workdir
+
+from roc_jax import checkpoint as ckpt
+from roc_jax import parallel, train_lib
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_workdir(tmp_path_factory.getbasetemp())
+
+
+def _dev_rows(workdir):
+    return {r["step"]: r for r in metrics_rows(workdir) if "dev/f1" in r}
+
+
+def test_train_then_eval_in_a_new_process(trained, tmp_path):
+    workdir, _ = trained
+    done = json.loads((workdir / "DONE.json").read_text())
+    assert done["step"] == 4
+    rows = metrics_rows(workdir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]  # log_every=2
+    for key in ("train/loss", "train/accuracy", "train/grad_norm", "train/param_norm",
+                "train/lr_encoder", "train/lr_head", "train/examples_per_sec"):
+        assert np.isfinite(train_rows[-1][key]), key
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    dev = _dev_rows(workdir)
+    assert sorted(dev) == [2, 4]  # every epoch
+    best = done["best_step"]
+    assert dev[best]["dev/f1"] == max(r["dev/f1"] for r in dev.values())
+
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "eval.py"), f"--workdir={workdir}", "--checkpoint=best",
+         f"--output_dir={tmp_path}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "metrics_val.json").read_text())
+    assert out["step"] == best
+    for key in ("precision", "recall", "f1", "accuracy"):
+        assert out[key] == dev[best][f"dev/{key}"], key  # identical, not merely close
+    assert out["num_examples"] == 16  # every val sample once, padding excluded
+    assert (tmp_path / "confusion_val.png").stat().st_size > 0
+    assert "micro (without None)" in proc.stdout
+
+
+def test_exact_resume_equals_uninterrupted_run(trained, tmp_path):
+    """Stop after step 3 (max_steps, mid-epoch), restart: same parameters and metrics as the run that never
+    stopped. Tolerance: bitwise (same compiled step, same data, dropout keyed by step)."""
+    ref_dir, config = trained
+    workdir = tmp_path / "resumed"
+    stopped = tiny_config(Path(config.data.raw_dir), max_steps=3)
+    first = train_lib.train_and_evaluate(stopped, workdir)
+    assert first["step"] == 3
+    assert ckpt.make_manager(workdir, read_only=True).latest_step() == 3
+    again = tiny_config(Path(config.data.raw_dir))
+    second = train_lib.train_and_evaluate(again, workdir)
+    assert second["step"] == 4
+    ref, got = read_state(ref_dir, 4), read_state(workdir, 4)
+    leaves_ref = jax.tree_util.tree_leaves_with_path(ref)
+    leaves_got = jax.tree_util.tree_leaves_with_path(got)
+    assert [p for p, _ in leaves_ref] == [p for p, _ in leaves_got]
+    for (path, a), (_, b) in zip(leaves_ref, leaves_got, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                      err_msg=jax.tree_util.keystr(path))
+    assert _dev_rows(workdir)[4] | {"time": 0} == _dev_rows(ref_dir)[4] | {"time": 0}
+    assert second["dev"]["f1"] == json.loads((ref_dir / "DONE.json").read_text())["dev_f1"]
+
+
+def test_one_and_eight_devices_give_the_same_step(trained):
+    """Same loss and parameters after one step on a 1-device and an 8-device mesh.
+
+    Tolerance: 1e-5 (relative) for the loss and 1e-5 (absolute) for the parameters: the 8-device
+    gradient is a sum of 8 partial sums, a different float order than one device."""
+    from roc_jax.data import pipeline
+    from roc_jax.models.roc import create_model
+
+    _, config = trained
+    sources = train_lib.load_sources(config, ["train"])
+    built = create_model(config.model, use_images=False, num_relations=5)
+    cache = train_lib.build_description_cache(config, built, train_lib.label_names_of(config))
+    it = pipeline.make_train_iterator(sources["train"], built.tokenizer,
+                                      train_lib.pipeline_config(config, None), seed=0,
+                                      batch_size=config.train.batch_size)
+    batch = next(it)
+    it.close()
+    rel = train_lib.relations_input(config, cache)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = parallel.make_mesh(devices)
+        trainer, state = train_lib.make_trainer(built.model, config.train, 10, mesh)
+        with jax.set_mesh(mesh):
+            state, out = trainer.train_step(state, parallel.shard_batch(batch, mesh),
+                                            parallel.replicate(rel, mesh))
+        results.append(jax.device_get((state["params"], out)))
+    (p1, o1), (p8, o8) = results
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(o1["loss"], o8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(o1["grad_norm"], o8["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_ctrl_c_saves_the_current_step(trained, tmp_path, monkeypatch):
+    from roc_jax.data import pipeline
+
+    _, config = trained
+    real_next = pipeline.TrainIterator.__next__
+
+    def interrupting_next(self):
+        if self._step == 3:  # the 4th batch: steps 1-3 are done
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(pipeline.TrainIterator, "__next__", interrupting_next)
+    workdir = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train_and_evaluate(config, workdir)
+    manager = ckpt.make_manager(workdir, read_only=True)
+    assert manager.latest_step() == 3
+    assert ckpt.read_meta(manager, 3)["format_version"] == ckpt.FORMAT_VERSION
+    assert int(read_state(workdir, 3)["step"]) == 3
+
+
+def test_non_finite_loss_stops_with_the_step():
+    good = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0)}
+    bad = {"loss": np.float32(np.nan), "grad_norm": np.float32(2.0)}
+    train_lib.check_finite([good, good], first_step=1)
+    with pytest.raises(train_lib.NonFiniteError, match="non-finite loss .* at step 12"):
+        train_lib.check_finite([good, bad], first_step=11)
+    inf_grad = {"loss": np.float32(1.0), "grad_norm": np.float32(np.inf)}
+    with pytest.raises(train_lib.NonFiniteError, match="grad_norm .* at step 5"):
+        train_lib.check_finite([inf_grad], first_step=5)
+
+
+def test_batch_size_must_split_over_devices(trained):
+    _, config = trained
+    config = config.copy_and_resolve_references()
+    config.train.batch_size = 12
+    with pytest.raises(ValueError, match="batch_size=12 is not a multiple of the 8 devices"):
+        train_lib.setup(config, None, restore=None)
+
+
+def test_lr_schedule_warmup_and_decay():
+    s = train_lib.lr_schedule(1.0, total_steps=10, warmup_ratio=0.2)
+    assert [float(s(i)) for i in (0, 1, 2, 6, 10)] == pytest.approx([0, 0.5, 1.0, 0.5, 0.0])
