@@ -54,7 +54,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.temperature_init = 0.07
     c.model.description_mode = "mean"  # how the K descriptions of a relation combine
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
-    # Skip the vision tower (lax.cond) for batches where no row has an image.
+    # Batches where no row has an image skip the vision tower and fuse the text alone (lax.cond).
     c.model.skip_vision_without_images = True
 
     # --- training ---------------------------------------------------------------------------

@@ -87,8 +87,8 @@ def test_missing_image_rows_ignore_their_pixels():
 
 
 def test_no_image_in_batch_skips_the_tower_with_the_same_result():
-    """A batch without any image takes the lax.cond branch that skips the ViT: same logits as
-    running the ViT and masking (skip_vision_without_images=False)."""
+    """A batch without any image takes the lax.cond branch that skips the ViT and fuses the text
+    alone: same logits as running the ViT and masking its tokens (skip_vision_without_images=False)."""
     batch = _batch(has_image=(False,) * B)
     skip = _model()
     full = _model(skip_vision_without_images=False)

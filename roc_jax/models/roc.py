@@ -152,21 +152,17 @@ class ROC(nnx.Module):
 
     # -- towers -------------------------------------------------------------------------------
 
-    def encode_image(self, pixel_values: Array, has_image: Array) -> Array:
-        """``[B, H, W, 3] -> [B, 1+N, D]`` projected image tokens (zeros when no row has one)."""
+    def image_tokens(self, pixel_values: Array, has_image: Array) -> tuple[Array, Array]:
+        """``[B, H, W, 3] -> ([B, T, D], [B, T])``: projected image tokens (T = 1 + patches,
+        class token first, tagged with the image-type vector) and their mask (``has_image``)."""
+        img = self.image_proj(self.vision(pixel_values.astype(self.dtype)))
+        img = img + self.image_type[...].astype(img.dtype)
+        return img, jnp.broadcast_to(has_image[:, None], img.shape[:2])
 
-        def run(vision, proj, px):
-            return proj(vision(px.astype(self.dtype)))
-
-        if not self.config.skip_vision_without_images:
-            return run(self.vision, self.image_proj, pixel_values)
-
-        def skip(vision, proj, px):
-            # Same shape as `run`, without the ViT FLOPs: the tokens are masked out anyway.
-            shape = jax.eval_shape(lambda p: run(vision, proj, p), px)
-            return jnp.zeros(shape.shape, shape.dtype)
-
-        return nnx.cond(jnp.any(has_image), run, skip, self.vision, self.image_proj, pixel_values)
+    def _fusion_layers(self, x: Array, mask: Array) -> Array:
+        for layer in self.fusion:
+            x = layer(x, mask)
+        return x
 
     def fuse(self, batch: Mapping[str, Array]) -> tuple[Array, Array, int]:
         """Text and image tokens through the fusion layers.
@@ -175,21 +171,37 @@ class ROC(nnx.Module):
         """
         ids, amask = batch["input_ids"], batch["attention_mask"].astype(bool)
         x = self.text(ids, amask)
-        mask = amask
         length = ids.shape[1]
-        if self.vision is not None:
-            if "pixel_values" not in batch:
-                raise KeyError("the model has an image tower but the batch has no pixel_values "
-                               "(config.data.use_images must match the model)")
-            has_image = batch["has_image"].astype(bool)
-            img = self.encode_image(batch["pixel_values"], has_image)
-            img = img + self.image_type[...].astype(img.dtype)
-            img_mask = jnp.broadcast_to(has_image[:, None], img.shape[:2])
-            x = jnp.concatenate([x, img.astype(x.dtype)], axis=1)
-            mask = jnp.concatenate([mask, img_mask], axis=1)
-        for layer in self.fusion:
-            x = layer(x, mask)
-        return x, mask, length
+        if self.vision is None:
+            return self._fusion_layers(x, amask), amask, length
+        if "pixel_values" not in batch:
+            raise KeyError("the model has an image tower but the batch has no pixel_values "
+                           "(config.data.use_images must match the model)")
+        has_image = batch["has_image"].astype(bool)
+        px = batch["pixel_values"]
+        patch = self.vision.config.patch_size
+        num_img = 1 + (px.shape[1] // patch) * (px.shape[2] // patch)
+        mask = jnp.concatenate([amask, jnp.broadcast_to(has_image[:, None], (len(ids), num_img))],
+                               axis=1)
+
+        def with_images(model, x, px):
+            img, img_mask = model.image_tokens(px, has_image)
+            return model._fusion_layers(jnp.concatenate([x, img.astype(x.dtype)], axis=1),
+                                        jnp.concatenate([amask, img_mask], axis=1))
+
+        def text_only(model, x, px):
+            # Masked image tokens are invisible to the text tokens (their keys are masked out),
+            # so a batch without any image fuses the text alone: no ViT and no image-token share
+            # of the fusion layers. The image positions come back as zeros; nothing reads them
+            # (a MORE object tail without its image has nothing to pool either way).
+            fused = model._fusion_layers(x, amask)
+            pad = jnp.zeros((x.shape[0], num_img, x.shape[2]), fused.dtype)
+            return jnp.concatenate([fused, pad], axis=1)
+
+        if not self.config.skip_vision_without_images:
+            return with_images(self, x, px), mask, length
+        fused = nnx.cond(jnp.any(has_image), with_images, text_only, self, x, px)
+        return fused, mask, length
 
     def pair_states(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
         """``[B, 2D]``: fused head and tail states (MORE object tails: box-pooled patches)."""
