@@ -22,7 +22,7 @@ from roc_jax.data.reading import (
     ReadResult,
     Tally,
     iter_dict_lines,
-    resolve_image,
+    make_sample,
 )
 from roc_jax.data.records import Entity, Sample, load_rel2id
 
@@ -88,19 +88,8 @@ def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None,
     head_name, head_span = c.span("h", tokens)
     tail_name, tail_span = c.span("t", tokens)
     img_id = c.get("img_id", kind=str)
-    relation = c.get("relation", kind=str)
-    if relation not in rel2id:
-        raise c.error("relation", f"{relation!r} is not in the label file", "unknown_label")
-    image_path = resolve_image(c, image_dir, img_id, check_images)
-    return Sample(
-        tokens=tokens,
-        head=Entity(head_name, span=head_span),
-        tail=Entity(tail_name, span=tail_span),
-        relation=relation,
-        img_id=img_id,
-        image_path=str(image_path) if image_path is not None else None,
-        source=f"{c.path.name}:{c.line}",
-    )
+    return make_sample(c, tokens, Entity(head_name, span=head_span),
+                       Entity(tail_name, span=tail_span), img_id, rel2id, image_dir, check_images)
 
 
 def read_mnre_split(root: str | Path, split: str, strict: bool = False, *,

@@ -33,7 +33,7 @@ from roc_jax.data.reading import (
     ReadResult,
     Tally,
     iter_dict_lines,
-    resolve_image,
+    make_sample,
 )
 from roc_jax.data.records import Entity, Sample, load_rel2id
 
@@ -132,19 +132,8 @@ def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None,
         box = yolo_to_corners(raw_box)
     except ValueError as e:
         raise c.error("t.box", str(e), "bad_box") from None
-    relation = c.get("relation", kind=str)
-    if relation not in rel2id:
-        raise c.error("relation", f"{relation!r} is not in the label file", "unknown_label")
-    image_path = resolve_image(c, image_dir, img_id, check_images)
-    return Sample(
-        tokens=tokens,
-        head=Entity(head_name, span=head_span),
-        tail=Entity(tail_name, box=box),
-        relation=relation,
-        img_id=img_id,
-        image_path=str(image_path) if image_path is not None else None,
-        source=f"{c.path.name}:{c.line}",
-    )
+    return make_sample(c, tokens, Entity(head_name, span=head_span), Entity(tail_name, box=box),
+                       img_id, rel2id, image_dir, check_images)
 
 
 def read_more_split(root: str | Path, split: str, strict: bool = False, *,

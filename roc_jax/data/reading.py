@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image
 
-from roc_jax.data.records import Sample
+from roc_jax.data.records import Entity, Sample
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,25 @@ def resolve_image(checker: LineChecker, image_dir: Path | None, img_id: str,
             raise checker.error("img_id", f"image {path} is unreadable ({reason})",
                                 "unreadable_image")
     return path
+
+
+def make_sample(checker: LineChecker, tokens: tuple[str, ...], head: Entity, tail: Entity,
+                img_id: str, rel2id: dict[str, int], image_dir: Path | None,
+                check_images: bool) -> Sample:
+    """The checks every reader shares (relation in the label file, image resolved) -> a Sample."""
+    relation = checker.get("relation", kind=str)
+    if relation not in rel2id:
+        raise checker.error("relation", f"{relation!r} is not in the label file", "unknown_label")
+    image_path = resolve_image(checker, image_dir, img_id, check_images)
+    return Sample(
+        tokens=tokens,
+        head=head,
+        tail=tail,
+        relation=relation,
+        img_id=img_id,
+        image_path=str(image_path) if image_path is not None else None,
+        source=f"{checker.path.name}:{checker.line}",
+    )
 
 
 class Tally:
