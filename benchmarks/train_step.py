@@ -1,0 +1,1025 @@
+"""CPU throughput of the full ROC train step: JAX next to PyTorch, and next to the hardware's limit.
+
+What one run measures (every figure goes to ``benchmarks/results/train_step.json``, with the
+machine's description and a ``summary``):
+
+- ``matmul``: the float32 throughput of XLA on this machine, a ``2048^3`` ``jnp.dot``, median of
+  repeats: the MFU denominator (the limit the hardware reaches through the same compiler).
+- ``text``: the ``minilm-l6`` text-only ROC train step (forward, contrastive loss, backward, AdamW
+  update; ``roc_jax.train_lib.make_trainer``'s jitted, donated step), batch 32 x 64 tokens, real
+  MiniLM weights, real description-cache embeddings of the 23 MNRE relations. The same model in
+  PyTorch (``benchmarks/torch_roc.TorchROC`` over ``transformers.BertModel``, the JAX model's
+  weights copied in, AdamW, clipping) runs in alternating blocks (``benchlib.time_interleaved``);
+  the figure of each side is its median block; ``ratio_vs_torch`` = JAX / PyTorch examples/s.
+  Before timing, both sides' eval-mode logits on the batch are compared (``parity_max_abs_diff``).
+- ``multimodal``: the same with the ``dinov2-s14-offline`` image tower at ``--image-size`` px
+  (default 112: 8 x 8 = 64 patches + class token; DINOv2 interpolates its position embeddings in
+  both frameworks), every row with an image (``has_image`` True, so the vision tower always runs).
+- ``variants``: the text step with one change at a time, prototyped inside this process (library
+  files untouched) to show where the time goes: forward only, no dropout, no attention-probability
+  dropout, dropout masks from the ``rbg`` PRNG, dropout masks from 16-bit integers.
+- ``profile``: a ``jax.profiler`` trace of the text step, the XLA ops' durations summed by kind
+  (matmul, dropout random bits, ...) and phase (forward / backward / optimizer) through the
+  compiled HLO's ``op_name`` metadata; the table goes to ``benchmarks/profiles/text_train_step.txt``.
+- ``compile``: one epoch of real MNRE train batches (``roc_jax.data.pipeline`` on
+  ``$ROC_MNRE_DIR`` train, text only, config ``configs/mnre.py:offline`` buckets) and the val eval
+  batches. Method: every batch of the epoch is drawn from the pipeline and its shape signature
+  recorded; the jitted train step then runs once on one real batch of each distinct signature, and
+  the eval step once per distinct eval signature (an epoch of full steps would take 5-10 min on 2
+  cores; the compiled cache is keyed by exactly these signatures, so running every batch could not
+  compile more). Compilations are counted with a ``jax.monitoring`` listener on XLA backend
+  compiles (every jitted computation, not only the step) and with the steps' ``_cache_size()``.
+- ``retrieval``: eval/predict examples/s scoring against the cached description embeddings
+  versus re-encoding the 115 descriptions with the text tower (``cache.text_encode_fn``, the
+  library's encoder, tokenization included) before each batch; at the eval batch (64) and a
+  predict batch (8); and retrieval alone (``cache.top_k_relations`` on given pair vectors).
+- ``memory``: peak resident memory (``VmHWM``, see ``benchlib.peak_rss_gb``) of a subprocess that runs
+  ``train_lib.train_and_evaluate`` (``mnre.py:offline``, text only, minilm-l6) for ``--memory-steps``
+  steps: data, description cache, compiled step, optimizer state and one checkpoint.
+
+FLOPs per example (analytic, matmuls only, a multiply-add = 2 FLOPs, training = 3 x forward):
+  transformer layer of width d, MLP width f, over n tokens:   2n(4d^2 + 2df) + 4n^2 d
+  text: 6 layers over L tokens (d=384, f=1536); fusion: 2 BERT layers over L (+ T image tokens);
+  image (multimodal): patch embedding 2N(3p^2)dv + 12 layers over T = N+1 tokens (dv=384,
+  fv=1536), projection 2T dv d; pair head 2(2d d + d P) + 2RP; relation projection 2RK Dd P per
+  step, divided by the batch. Embedding lookups, norms, softmax and the optimizer are not counted.
+MFU = FLOPs per example x examples/s / measured matmul FLOP/s; in ``text`` and ``multimodal`` the
+matmul probe runs in the same alternating rounds as the two steps (``matmul_interleaved``), so both
+sides of the fraction see the same load; ``matmul`` is the separate probe at the start.
+
+``--parts flags`` (not in the default set; minutes): the JAX text step in a fresh process per
+``XLA_FLAGS`` setting of ``FLAG_SETS``. ``--keep`` keeps the sections of an earlier results file
+that a run does not measure (each section records when, and under which load, it was measured).
+
+    ROC_MNRE_DIR=/work/shared/data/mnre python benchmarks/train_step.py [--parts text,compile,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib  # noqa: E402
+
+PARTS = ("matmul", "text", "multimodal", "variants", "profile", "compile", "retrieval",
+         "memory")
+EXTRA_PARTS = ("flags",)  # run on request (--parts flags): several minutes of fresh processes
+BATCH, LENGTH, FUSION, PROJ = 32, 64, 2, 256
+TRAIN_CFG = types.SimpleNamespace(lr_encoder=1e-5, lr_head=1e-3, warmup_ratio=0.1,
+                                  weight_decay=0.01, grad_clip=1.0)
+TARGETS = {"ratio_vs_torch": 1.3, "mfu": 0.5, "cache_vs_reencode_ratio": 5.0, "peak_rss_gb": 4.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def layer_flops(n: int, d: int, f: int) -> float:
+    """Forward matmul FLOPs of one transformer layer over ``n`` tokens."""
+    return 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
+
+
+def flops_per_example(text: Any, seq: int, batch: int, relations: tuple[int, int],
+                      vision: Any = None, image_size: int = 0) -> float:
+    """Training FLOPs per example (3 x the forward matmuls; see the module docstring)."""
+    d, f = text.hidden_size, text.intermediate_size
+    r, k = relations
+    fwd = text.num_hidden_layers * layer_flops(seq, d, f)
+    tokens = seq
+    if vision is not None:
+        dv, p = vision.hidden_size, vision.patch_size
+        fv = vision.intermediate_size
+        patches = (image_size // p) ** 2
+        t = patches + 1
+        fwd += 2 * patches * 3 * p * p * dv + vision.num_hidden_layers * layer_flops(t, dv, fv)
+        fwd += 2 * t * dv * d
+        tokens += t
+    fwd += FUSION * layer_flops(tokens, d, f)
+    fwd += 2 * (2 * d * d + d * PROJ) + 2 * r * PROJ + 2 * r * k * d * PROJ / batch
+    return 3 * fwd
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def mnre_dir() -> Path:
+    path = Path(os.environ.get("ROC_MNRE_DIR", "/work/shared/data/mnre"))
+    if not (path / "ours_rel2id.json").exists():
+        raise FileNotFoundError(f"ROC_MNRE_DIR={path}: ours_rel2id.json not found; point it at the "
+                                "raw MNRE folder")
+    return path
+
+
+def mnre_config(use_images: bool = False) -> Any:
+    """``configs/mnre.py:offline`` on the raw folder (no TFDS build), text only by default."""
+    os.environ.setdefault("ROC_DATA_DIR", str(mnre_dir()))
+    spec = importlib.util.spec_from_file_location("roc_bench_mnre", ROOT / "configs" / "mnre.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("offline")
+    c.data.raw_dir = str(mnre_dir())
+    c.data.source = "raw"
+    c.data.use_images = use_images
+    return c
+
+
+@dataclasses.dataclass
+class Shared:
+    """What every part uses: label names, the description cache, its encoder and tokenizer."""
+
+    names: list[str]
+    descriptions: dict[str, list[str]]
+    cache: Any
+    desc_encoder: Any
+    tokenizer: Any
+    relations_np: dict[str, np.ndarray]
+
+
+def shared_pieces() -> Shared:
+    from flax import nnx
+
+    from roc_jax.data.records import id2rel, load_rel2id
+    from roc_jax.labels import cache as cache_lib
+    from roc_jax.labels import descriptions as desc_lib
+    from roc_jax.models import weights
+
+    names = id2rel(load_rel2id(mnre_dir() / "ours_rel2id.json"))
+    descriptions = desc_lib.load_descriptions(None, names)
+    enc, tok, _ = weights.load_text_encoder("minilm-l6", rngs=nnx.Rngs(params=2, dropout=3))
+    enc.eval()
+    encode = cache_lib.text_encode_fn(enc, tok)
+    cache = cache_lib.ensure_cache(None, descriptions, names, encode,
+                                   cache_lib.encoder_params(enc))
+    rel = {"embeddings": np.asarray(cache.embeddings, np.float32),
+           "mask": np.asarray(cache.mask, bool)}
+    return Shared(names, descriptions, cache, enc, tok, rel)
+
+
+def synthetic_batch(batch: int, seq: int, image_size: int = 0, seed: int = 0
+                    ) -> dict[str, np.ndarray]:
+    """A Batch (contracts.md) with real-looking lengths; values do not change the cost."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(seq // 2, seq + 1, size=batch)
+    mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+    out = {
+        "input_ids": np.where(mask, rng.integers(1000, 30000, size=(batch, seq)), 0).astype(
+            np.int32),
+        "attention_mask": mask,
+        "head_index": rng.integers(1, seq // 4, size=batch).astype(np.int32),
+        "tail_index": rng.integers(seq // 4, seq // 2, size=batch).astype(np.int32),
+        "has_image": np.full(batch, image_size > 0),
+        "label": rng.integers(0, 23, size=batch).astype(np.int32),
+        "mask": np.ones(batch, bool),
+    }
+    out["input_ids"][:, 0] = 101  # [CLS]
+    if image_size:
+        out["pixel_values"] = rng.standard_normal((batch, image_size, image_size, 3)).astype(
+            np.float32)
+    return out
+
+
+def build_roc(shared: Shared, image: bool, seed: int = 0) -> tuple[Any, Any, Any]:
+    """The ROC model with real minilm-l6 (and dinov2-s14-offline) weights: (model, tcfg, vcfg)."""
+    from flax import nnx
+
+    from roc_jax.models import weights
+    from roc_jax.models.roc import ROC, ROCConfig
+
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    text, _, tcfg = weights.load_text_encoder("minilm-l6", rngs=rngs)
+    vision, vcfg = None, None
+    if image:
+        vision, _, vcfg = weights.load_image_encoder("dinov2-s14-offline", rngs=rngs)
+    cfg = ROCConfig(num_relations=len(shared.names), description_dim=shared.cache.dim,
+                    fusion_layers=FUSION, proj_dim=PROJ, skip_vision_without_images=False)
+    model = ROC(cfg, text, vision, image_dim=vcfg.hidden_size if vcfg else None,
+                rngs=nnx.Rngs(params=seed + 4, dropout=seed + 5))
+    return model, tcfg, vcfg
+
+
+def build_torch(jax_model: Any, tcfg: Any, vcfg: Any) -> Any:
+    """``TorchROC`` with ``jax_model``'s weights (HF BertModel / Dinov2Model towers)."""
+    import torch
+    import transformers
+    from torch_roc import TorchROC, state_dict_from_roc
+
+    from roc_jax.models import weights
+
+    hf_text = transformers.BertConfig(**{k: v for k, v in dataclasses.asdict(tcfg).items()
+                                         if k != "add_pooler"})
+    text = transformers.BertModel(hf_text, add_pooling_layer=tcfg.add_pooler)
+    vision = None
+    if vcfg is not None:
+        folder = weights.resolve("dinov2-s14-offline")
+        vision = transformers.Dinov2Model(transformers.Dinov2Config.from_pretrained(str(folder)))
+    model = TorchROC(text, hf_text, vision, vcfg.hidden_size if vcfg else None,
+                     jax_model.config.description_dim, FUSION, PROJ, pair_gelu="tanh")
+    sd = state_dict_from_roc(jax_model, model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.endswith(("position_ids", "token_type_ids", "mask_token"))]
+    if bad or unexpected:
+        raise RuntimeError(f"torch weights: missing {bad[:5]}, unexpected {unexpected[:5]}")
+    torch.manual_seed(0)
+    return model
+
+
+def torch_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if k in ("input_ids", "head_index", "tail_index", "label"):
+            t = t.long()
+        if k == "pixel_values":
+            t = t.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        out[k] = t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# train-step throughput
+
+
+def jax_setup(model: Any, batch: dict[str, np.ndarray], rel_np: dict[str, np.ndarray]) -> dict:
+    import jax
+
+    from roc_jax import parallel
+    from roc_jax.train_lib import make_trainer
+
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    trainer, state = make_trainer(model, TRAIN_CFG, total_steps=100_000, mesh=mesh)
+    jb = parallel.shard_batch(batch, mesh)
+    rel = parallel.replicate(rel_np, mesh)
+    return {"trainer": trainer, "state": state, "batch": jb, "rel": rel, "mesh": mesh}
+
+
+def parity(js: dict, tmodel: Any, batch: dict[str, np.ndarray], rel_np: dict) -> float:
+    """Max |logits_jax - logits_torch| in eval mode (no dropout) on ``batch``: same model?"""
+    import torch
+
+    out = js["trainer"].eval_step(js["state"]["params"], js["batch"], js["rel"])
+    tmodel.eval()
+    with torch.no_grad():
+        tl = tmodel(torch_batch(batch), torch.from_numpy(rel_np["embeddings"]),
+                    torch.from_numpy(rel_np["mask"])).numpy()
+    tmodel.train()
+    return float(np.max(np.abs(np.asarray(out["logits"]) - tl)))
+
+
+def compare(name: str, model: Any, tcfg: Any, vcfg: Any, shared: Shared, batch: dict,
+            args: argparse.Namespace, flops: float, peak: float | None) -> dict[str, Any]:
+    """JAX train step vs the PyTorch one on the same weights and batch, interleaved blocks."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from torch_roc import make_train_step
+
+    res: dict[str, Any] = {"batch": BATCH, "length": LENGTH, "flops_per_example": flops}
+    js = jax_setup(model, batch, shared.relations_np)
+    tmodel = build_torch(model, tcfg, vcfg)
+    res["parity_max_abs_diff_logits"] = parity(js, tmodel, batch, shared.relations_np)
+    holder = {"state": js["state"]}
+
+    def jax_step():
+        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
+        return out["loss"]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax_step())
+    res["jax_compile_and_first_step_s"] = time.perf_counter() - t0
+    tb = torch_batch(batch)
+    trel = torch.from_numpy(shared.relations_np["embeddings"])
+    tmask = torch.from_numpy(shared.relations_np["mask"])
+    tmodel.train()
+    tstep = make_train_step(tmodel)
+
+    def torch_step():
+        return tstep(tb, trel, tmask)
+
+    for _ in range(args.warmup):
+        jax.block_until_ready(jax_step())
+        torch_step()
+    iters = args.iters if vcfg is None else max(1, args.iters // 2)
+    repeats = args.repeats if vcfg is None else args.mm_repeats
+    fns = {"jax": jax_step, "torch": torch_step}
+    if args.matmul:
+        # The matmul probe runs in the same rounds as the steps, so the MFU's numerator and
+        # denominator see the same load on a shared machine.
+        n = args.matmul
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        mm = jax.jit(jnp.dot)
+        jax.block_until_ready(mm(a, a))
+        fns["matmul"] = lambda: mm(a, a)
+    blocks = benchlib.time_interleaved(fns, repeats, iters,
+                                       sync=lambda x: jax.block_until_ready(x)
+                                       if isinstance(x, jax.Array) else x)
+    if "matmul" in blocks:
+        secs = blocks["matmul"]
+        res["matmul_interleaved"] = {"n": args.matmul, "flops_per_s": 2.0 * args.matmul**3 /
+                                     np.median(secs), "s_blocks": [round(t, 5) for t in secs]}
+        peak = res["matmul_interleaved"]["flops_per_s"]
+    res["jax"] = benchlib.rate_summary(blocks["jax"], BATCH)
+    res["torch"] = benchlib.rate_summary(blocks["torch"], BATCH)
+    res["torch"]["num_threads"] = torch.get_num_threads()
+    res["torch"]["attn_implementation"] = tmodel.text.config._attn_implementation
+    res["jax"]["final_loss"] = float(jax_step())
+    res["torch"]["final_loss"] = float(torch_step())
+    res["ratio_vs_torch"] = res["jax"]["ex_per_s"] / res["torch"]["ex_per_s"]
+    if peak:  # the interleaved probe when there is one, else the run's separate probe
+        res["mfu"] = flops * res["jax"]["ex_per_s"] / peak
+        res["torch_mfu"] = flops * res["torch"]["ex_per_s"] / peak
+        res["mfu_denominator_flops_per_s"] = peak
+    print(f"[{name}] jax {res['jax']['ex_per_s']:.2f} ex/s, torch {res['torch']['ex_per_s']:.2f} "
+          f"ex/s, ratio {res['ratio_vs_torch']:.2f}, mfu {res.get('mfu', float('nan')):.3f}, "
+          f"parity {res['parity_max_abs_diff_logits']:.2e}", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# variants: where the time of the JAX step goes (prototypes; no library file is changed)
+
+
+def bits16_dropout_call(self: Any, inputs: Any, *, deterministic: bool | None = None,
+                        rngs: Any = None) -> Any:
+    """``nnx.Dropout.__call__`` with the keep mask from 16 random bits per element.
+
+    ``random.bernoulli`` draws a 32-bit word per element and turns it into a float32 uniform;
+    comparing 16-bit integers with ``round(keep * 2^16)`` needs half the random bits and no float
+    conversion (keep probability exact to 2^-17). The prototype of the proposed change.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    det = self.deterministic if deterministic is None else deterministic
+    if self.rate == 0.0 or det:
+        return inputs
+    if self.rate == 1.0:
+        return jnp.zeros_like(inputs)
+    rngs = rngs if rngs is not None else self.rngs
+    key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
+        rngs() if isinstance(rngs, nnx.RngStream) else rngs)
+    keep = 1.0 - self.rate
+    threshold = jnp.uint16(min(round(keep * 65536), 65535))
+    mask = jax.random.bits(key, inputs.shape, jnp.uint16) < threshold
+    return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+
+
+@contextlib.contextmanager
+def patched(obj: Any, name: str, value: Any):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+@contextlib.contextmanager
+def prng_impl(name: str):
+    import jax
+
+    prev = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", name)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_prng_impl", prev)
+
+
+def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float,
+             peak: float | None) -> dict[str, Any]:
+    """The text step as in ``compare`` and with one change each, timed in alternating blocks.
+
+    Each variant's model is built and its step traced (first call) inside the change's context;
+    the compiled step keeps the change afterwards (none of these settings is part of the jit
+    cache key, and the shapes do not change). The library files are not modified.
+
+    - ``forward_only``: the eval step (no backward, no optimizer, no dropout).
+    - ``no_dropout``: the train step built from the eval graphdef: what dropout costs in all.
+    - ``no_attention_dropout``: dropout on the [B, H, L, L] attention probabilities off (the
+      hidden-state dropouts kept): which dropout costs.
+    - ``rbg_dropout``: ``jax_default_prng_impl='rbg'``: masks from XLA's RngBitGenerator.
+    - ``bits16_dropout``: ``bits16_dropout_call`` (16-bit integer threshold), threefry.
+    - ``bits16_rbg_dropout``: both.
+    """
+    import jax
+    from flax import nnx
+
+    from roc_jax import train_lib
+    from roc_jax.models.layers import MultiHeadAttention
+
+    fns, res = {}, {}
+
+    def split_eval(m: Any) -> tuple:  # the train graphdef with dropout off
+        m.eval()
+        gdef, params, rest = nnx.split(m, nnx.Param, ...)
+        return gdef, gdef, params, rest
+
+    def make(label: str, ctx: Any = None, edit: Any = None) -> None:
+        with ctx or contextlib.nullcontext():
+            model = build_roc(shared, image=False)[0]
+            if edit is not None:
+                edit(model)
+            js = jax_setup(model, batch, shared.relations_np)
+            holder = {"state": js["state"]}
+
+            def step():
+                holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"],
+                                                                js["rel"])
+                return out["loss"]
+
+            t0 = time.perf_counter()
+            jax.block_until_ready(step())
+        res[label] = {"compile_and_first_step_s": time.perf_counter() - t0}
+        fns[label] = step
+        if label == "baseline":
+            def fwd():
+                return js["trainer"].eval_step(holder["state"]["params"], js["batch"],
+                                               js["rel"])["logits"]
+
+            jax.block_until_ready(fwd())
+            fns["forward_only"] = fwd
+            res["forward_only"] = {}
+
+    def no_attention_dropout(model: Any) -> None:
+        for _, module in nnx.iter_graph(model):
+            if isinstance(module, MultiHeadAttention):
+                module.dropout.rate = 0.0
+
+    def bits16() -> Any:
+        return patched(nnx.Dropout, "__call__", bits16_dropout_call)
+
+    @contextlib.contextmanager
+    def bits16_rbg():
+        with prng_impl("rbg"), bits16():
+            yield
+
+    selected = args.variants.split(",")
+    table = {
+        "baseline": {},
+        "no_dropout": {"ctx": patched(train_lib, "split_model", split_eval)},
+        "no_attention_dropout": {"edit": no_attention_dropout},
+        "rbg_dropout": {"ctx": prng_impl("rbg")},
+        "bits16_dropout": {"ctx": bits16()},
+        "bits16_rbg_dropout": {"ctx": bits16_rbg()},
+    }
+    for label, kw in table.items():
+        if label == "baseline" or label in selected:
+            make(label, **kw)
+    blocks = benchlib.time_interleaved(fns, args.variant_repeats, args.iters,
+                                       sync=jax.block_until_ready)
+    for label, secs in blocks.items():
+        res[label].update(benchlib.rate_summary(secs, BATCH))
+        if peak:  # forward only: a third of the training FLOPs
+            res[label]["mfu"] = (flops / 3 if label == "forward_only" else flops) * \
+                res[label]["ex_per_s"] / peak
+    base = res["baseline"]["ex_per_s"]
+    for label in res:
+        res[label]["vs_baseline"] = res[label]["ex_per_s"] / base
+    print("[variants] " + ", ".join(f"{k} {v['ex_per_s']:.2f} ex/s" for k, v in res.items()),
+          flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# profile: where the JAX step's time goes, per XLA op, from a jax.profiler trace
+
+
+def op_category(op_name: str) -> tuple[str, str]:
+    """(category, phase) of an HLO instruction from its JAX ``op_name`` metadata."""
+    if any(k in op_name for k in ("threefry", "_bernoulli", "_uniform", "random_bits",
+                                  "rng_bit_generator")):
+        cat = "dropout masks (random bits)"
+    else:
+        last = op_name.rsplit("/", 1)[-1]
+        cat = {"dot_general": "matmul (dot_general)", "erfc": "gelu (erf)", "erf": "gelu (erf)",
+               "exp": "softmax exp", "select_n": "select (dropout apply, masks)",
+               "transpose": "transpose/copy", "copy": "transpose/copy"}.get(last, f"other: {last}")
+    phase = ("backward" if "transpose(jvp" in op_name else "forward" if "jvp(" in op_name
+             else "optimizer and rest")
+    return cat, phase
+
+
+def profile_step(step: Any, jit_fn: Any, args_: tuple, out_txt: Path, steps: int = 2
+                 ) -> dict[str, Any]:
+    """Traces ``steps`` calls of ``step`` with ``jax.profiler``; sums the XLA ops' durations by
+    category (dot, random bits, ...) and phase using the compiled HLO's ``op_name`` metadata;
+    writes a text summary to ``out_txt``. Op times are summed over the XLA worker threads."""
+    import collections
+    import re
+    import shutil
+
+    import jax
+
+    hlo = jit_fn.lower(*args_).compile().as_text()  # the cached executable, no new compile
+    names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"', hlo,
+                            flags=re.M))
+    jax.block_until_ready(step())
+    tmp = Path(tempfile.mkdtemp(prefix="roc_prof_"))
+    jax.profiler.start_trace(str(tmp))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    jax.block_until_ready(out)
+    wall = (time.perf_counter() - t0) / steps
+    jax.profiler.stop_trace()
+    data = jax.profiler.ProfileData.from_file(str(next(tmp.rglob("*.xplane.pb"))))
+    shutil.rmtree(tmp, ignore_errors=True)
+    by_cat: collections.Counter = collections.Counter()
+    by_phase: collections.Counter = collections.Counter()
+    by_op: collections.Counter = collections.Counter()
+    total = 0
+    for plane in data.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):
+                continue
+            for e in line.events:
+                if e.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                    continue  # wrappers and waits, not ops
+                cat, phase = op_category(names.get(e.name.removeprefix("end: "), "?"))
+                d = e.duration_ns / steps
+                by_cat[cat] += d
+                by_phase[phase] += d
+                by_op[(e.name, names.get(e.name, "?"))] += d
+                total += d
+    res = {"wall_s_per_step": wall, "op_s_per_step_summed_over_threads": total / 1e9,
+           "by_category": {k: round(v / total, 4) for k, v in by_cat.most_common()},
+           "by_phase": {k: round(v / total, 4) for k, v in by_phase.most_common()}}
+    lines = [f"JAX text train step (minilm-l6, batch {BATCH} x {LENGTH}), jax.profiler trace of "
+             f"{steps} steps; wall {wall:.2f} s/step; XLA op time summed over threads "
+             f"{total / 1e9:.2f} s/step", "", "share of op time by category:"]
+    lines += [f"  {v / total:6.1%}  {k}" for k, v in by_cat.most_common()]
+    lines += ["", "by phase:"] + [f"  {v / total:6.1%}  {k}" for k, v in by_phase.most_common()]
+    lines += ["", "top 25 ops (name, share, op_name):"]
+    lines += [f"  {v / total:6.1%}  {n:32s} {o[:110]}" for (n, o), v in by_op.most_common(25)]
+    out_txt.parent.mkdir(parents=True, exist_ok=True)
+    out_txt.write_text("\n".join(lines) + "\n")
+    res["summary_file"] = str(out_txt.relative_to(ROOT)) if out_txt.is_relative_to(ROOT) \
+        else str(out_txt)
+    print(f"[profile] {wall:.2f} s/step; " + ", ".join(
+        f"{k} {v:.0%}" for k, v in list(res["by_category"].items())[:5]), flush=True)
+    return res
+
+
+def profile_text(shared: Shared, batch: dict, out_txt: Path) -> dict[str, Any]:
+    model = build_roc(shared, image=False)[0]
+    js = jax_setup(model, batch, shared.relations_np)
+    holder = {"state": js["state"]}
+    cells = {type(c.cell_contents).__name__: c.cell_contents
+             for c in js["trainer"].train_step.__closure__}
+    jit_train, rest = cells["PjitFunction"], cells["State"]
+
+    def step():
+        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
+        return out["loss"]
+
+    jax_ready = step()  # compile
+    import jax
+
+    jax.block_until_ready(jax_ready)
+    return profile_step(step, jit_train, (holder["state"], rest, js["batch"], js["rel"]),
+                        out_txt)
+
+
+# ---------------------------------------------------------------------------------------------
+# compilations per epoch
+
+
+@contextlib.contextmanager
+def compile_listener():
+    """Collects the durations of XLA backend compiles (every jitted computation) meanwhile."""
+    import jax
+
+    events: list[tuple[str, float]] = []
+
+    def on_duration(event: str, duration: float, **kw: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append((str(kw.get("fun_name", "?")), duration))
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+
+
+def signature(batch: dict[str, np.ndarray]) -> tuple:
+    return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+
+def compile_epoch(shared: Shared) -> dict[str, Any]:
+    import jax
+
+    from roc_jax import parallel, train_lib
+    from roc_jax.data import pipeline
+
+    config = mnre_config(use_images=False)
+    t0 = time.perf_counter()
+    sources = train_lib.load_sources(config, ["train", "val"])
+    load_s = time.perf_counter() - t0
+    model, _, _ = build_roc(shared, image=False)
+    pcfg = train_lib.pipeline_config(config, None)
+    it = pipeline.make_train_iterator(sources["train"], shared.tokenizer, pcfg, seed=config.seed,
+                                      batch_size=config.train.batch_size)
+    train_sigs: dict[tuple, dict] = {}
+    counts: dict[tuple, int] = {}
+    for _ in range(it.steps_per_epoch):
+        b = next(it)
+        sig = signature(b)
+        counts[sig] = counts.get(sig, 0) + 1
+        train_sigs.setdefault(sig, b)
+    it.close()
+    evals = pipeline.make_eval_batches(sources["val"], shared.tokenizer, pcfg,
+                                       config.train.eval_batch_size)
+    eval_sigs: dict[tuple, dict] = {}
+    for b in evals:
+        eval_sigs.setdefault(signature(b), b)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    rel = parallel.replicate(shared.relations_np, mesh)
+    with compile_listener() as events:
+        trainer, state = train_lib.make_trainer(model, config.train, it.steps_per_epoch, mesh)
+        jax.block_until_ready(state)
+        setup_events = list(events)
+        del events[:]
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh):
+            for b in train_sigs.values():
+                state, out = trainer.train_step(state, parallel.shard_batch(b, mesh), rel)
+                jax.block_until_ready(out["loss"])
+            for b in eval_sigs.values():
+                jax.block_until_ready(trainer.eval_step(state["params"],
+                                                        parallel.shard_batch(b, mesh), rel))
+        wall = time.perf_counter() - t0
+    jit_train, jit_eval, _, _ = train_lib._compiled_steps(
+        *train_lib.split_model(model)[:2], train_lib.OptSpec.from_config(config.train,
+                                                                         it.steps_per_epoch), mesh)
+    lengths = {dict((k, s) for k, s, _ in sig)["input_ids"][1]: n for sig, n in counts.items()}
+    res = {
+        "method": "every batch of one training epoch drawn from the pipeline and its shape "
+                  "signature recorded; the jitted train step run once per distinct signature and "
+                  "the eval step once per distinct val signature",
+        "train_batches_in_epoch": int(it.steps_per_epoch),
+        "train_signatures": len(train_sigs),
+        "batches_per_length": {str(k): v for k, v in sorted(lengths.items())},
+        "eval_batches": len(evals), "eval_signatures": len(eval_sigs),
+        "buckets": list(pcfg.lengths),
+        # Every XLA compile while the epoch's batches went through the steps (any jitted
+        # function, not only the steps), and the one-off ones of building the trainer.
+        "xla_backend_compiles": len(events),
+        "xla_backend_compile_s": float(sum(d for _, d in events)),
+        "xla_compiles_by_function": [(n, round(d, 2)) for n, d in events],
+        "setup_xla_compiles": len(setup_events),
+        "setup_xla_compile_s": float(sum(d for _, d in setup_events)),
+        "setup_compiles_by_function": [(n, round(d, 2)) for n, d in setup_events],
+        "train_step_cache_size": int(jit_train._cache_size()),
+        "eval_step_cache_size": int(jit_eval._cache_size()),
+        "wall_s_first_calls": wall,
+        "load_sources_s": load_s,
+    }
+    res["compiles_per_epoch"] = res["xla_backend_compiles"]
+    res["limit"] = len(pcfg.lengths) + len(eval_sigs)
+    print(f"[compile] {res['xla_backend_compiles']} XLA compiles ({res['xla_backend_compile_s']:.1f}"
+          f" s), train cache {res['train_step_cache_size']}, eval cache "
+          f"{res['eval_step_cache_size']}, buckets {res['buckets']}", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# retrieval from the cache vs re-encoding the descriptions
+
+
+def retrieval(shared: Shared, args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from roc_jax import parallel
+    from roc_jax.labels import cache as cache_lib
+    from roc_jax.train_lib import make_trainer
+
+    model, _, _ = build_roc(shared, image=False)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    trainer, state = make_trainer(model, TRAIN_CFG, total_steps=1000, mesh=mesh)
+    params = state["params"]
+    encode = cache_lib.text_encode_fn(shared.desc_encoder, shared.tokenizer)
+    texts = [t for row in shared.cache.texts for t in row]
+    rel_cached = parallel.replicate(shared.relations_np, mesh)
+    res: dict[str, Any] = {"descriptions": len(texts), "encoder": "cache.text_encode_fn "
+                           "(minilm-l6, tokenization + [64, 64] jitted batches, mean pooling)"}
+    for label, bs in (("eval", 64), ("predict", 8)):
+        batch = parallel.shard_batch(synthetic_batch(bs, LENGTH, seed=3), mesh)
+
+        def cached(batch=batch):
+            return trainer.eval_step(params, batch, rel_cached)["pred"]
+
+        def reencode(batch=batch):
+            emb, mask = cache_lib._encode_ragged(shared.cache.texts, encode)
+            rel = parallel.replicate({"embeddings": emb, "mask": mask}, mesh)
+            return trainer.eval_step(params, batch, rel)["pred"]
+
+        jax.block_until_ready(cached())
+        jax.block_until_ready(reencode())
+        blocks = benchlib.time_interleaved({"cached": cached, "reencode": reencode},
+                                           args.repeats, max(1, args.iters // 2),
+                                           sync=jax.block_until_ready)
+        c = benchlib.rate_summary(blocks["cached"], bs)
+        r = benchlib.rate_summary(blocks["reencode"], bs)
+        res[label] = {"batch": bs, "cached": c, "reencode": r,
+                      "ratio": c["ex_per_s"] / r["ex_per_s"]}
+        print(f"[retrieval/{label}] cached {c['ex_per_s']:.1f} ex/s, re-encode "
+              f"{r['ex_per_s']:.1f} ex/s, ratio {res[label]['ratio']:.2f}", flush=True)
+    # Retrieval alone (pair vectors given): cache.top_k_relations over the cached embeddings vs
+    # re-encoding the descriptions into a fresh cache first. What predict pays per batch of
+    # already-encoded queries.
+    rng = np.random.default_rng(5)
+    pairs = rng.standard_normal((64, shared.cache.dim)).astype(np.float32)
+
+    def top_cached():
+        return cache_lib.top_k_relations(shared.cache, pairs, k=5)
+
+    def top_reencode():
+        fresh = cache_lib.encode_descriptions(shared.descriptions, shared.names, encode,
+                                              shared.cache.fingerprint)
+        return cache_lib.top_k_relations(fresh, pairs, k=5)
+
+    top_cached()
+    top_reencode()
+    blocks = benchlib.time_interleaved({"cached": top_cached, "reencode": top_reencode},
+                                       args.repeats, max(1, args.iters // 2))
+    c = benchlib.rate_summary(blocks["cached"], len(pairs))
+    r = benchlib.rate_summary(blocks["reencode"], len(pairs))
+    res["scoring_only"] = {"batch": len(pairs), "what": "cache.top_k_relations(k=5) on given "
+                           "pair vectors", "cached": c, "reencode": r,
+                           "ratio": c["ex_per_s"] / r["ex_per_s"]}
+    print(f"[retrieval/scoring_only] cached {c['ex_per_s']:.0f} ex/s, re-encode "
+          f"{r['ex_per_s']:.1f} ex/s, ratio {res['scoring_only']['ratio']:.0f}", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# peak memory of a short training run (subprocess)
+
+
+FLAG_SETS = {
+    "default": "",
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+    "no_multi_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "no_thunk_runtime": "--xla_cpu_use_thunk_runtime=false",
+}
+
+
+def jax_text_child(args: argparse.Namespace) -> None:
+    """The JAX text train step alone (for the XLA_FLAGS sweep): prints one JSON line."""
+    import jax
+
+    shared = shared_pieces()
+    model = build_roc(shared, image=False)[0]
+    js = jax_setup(model, synthetic_batch(BATCH, LENGTH), shared.relations_np)
+    holder = {"state": js["state"]}
+
+    def step():
+        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
+        return out["loss"]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(step())
+    compile_s = time.perf_counter() - t0
+    blocks = benchlib.time_interleaved({"jax": step}, args.repeats, args.iters,
+                                       sync=jax.block_until_ready)
+    print(json.dumps({**benchlib.rate_summary(blocks["jax"], BATCH),
+                      "compile_and_first_step_s": compile_s,
+                      "load_average": os.getloadavg()}), flush=True)
+
+
+def flags_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """The JAX text step in a fresh process per ``XLA_FLAGS`` setting (flags are read at start),
+    the default first and last to bracket the drift of the machine's load."""
+    res: dict[str, Any] = {}
+    order = list(FLAG_SETS) + ["default_again"]
+    for label in order:
+        flags = FLAG_SETS.get(label, "")
+        env = {**os.environ, "XLA_FLAGS": flags}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--jax-text-child",
+               "--repeats", str(args.variant_repeats), "--iters", str(args.iters)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env,
+                              timeout=900)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            res[label] = {"xla_flags": flags, "error": proc.stderr.strip().splitlines()[-1:]}
+        else:
+            res[label] = {"xla_flags": flags, **json.loads(lines[-1])}
+        shown = res[label].get("ex_per_s", res[label].get("error"))
+        print(f"[flags] {label}: {shown}", flush=True)
+    return res
+
+
+def memory_child(steps: int) -> None:
+    """Runs ``train_and_evaluate`` for ``steps`` steps; prints one JSON line with ru_maxrss."""
+    from roc_jax import train_lib
+
+    config = mnre_config(use_images=False)
+    config.train.max_steps = steps
+    config.train.progress_bar = False
+    config.train.log_every = max(1, steps)
+    config.train.checkpoint_every = 10**9
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        out = train_lib.train_and_evaluate(config, workdir)
+    print(json.dumps({"peak_rss_gb": benchlib.peak_rss_gb(), "ru_maxrss_gb":
+                      benchlib.ru_maxrss_gb(), "steps": out["step"],
+                      "wall_s": time.perf_counter() - t0}), flush=True)
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child",
+           "--memory-steps", str(args.memory_steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=900,
+                          env={**os.environ, "ROC_MNRE_DIR": str(mnre_dir())})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    res = json.loads(lines[-1])
+    res["what"] = ("train_lib.train_and_evaluate, configs/mnre.py:offline, text only (minilm-l6),"
+                   " raw MNRE train/val, batch 32, then one checkpoint; peak RSS (VmHWM) of that "
+                   "process (ru_maxrss_gb: Linux carries the parent's peak into it over fork+exec)")
+    print(f"[memory] peak RSS {res['peak_rss_gb']:.2f} GB over {res['steps']} steps", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--repeats", type=int, default=5, help="timed blocks per side")
+    ap.add_argument("--iters", type=int, default=1, help="steps per timed block")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--mm-repeats", type=int, default=3, help="timed blocks, multimodal")
+    ap.add_argument("--variant-repeats", type=int, default=3, help="timed blocks, variants")
+    ap.add_argument("--variants", default="no_dropout,no_attention_dropout,rbg_dropout,"
+                    "bits16_dropout", help="which prototyped changes to time next to the baseline")
+    ap.add_argument("--matmul", type=int, default=2048)
+    ap.add_argument("--memory-steps", type=int, default=10)
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--jax-text-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the sections of an existing --out file that this run does not "
+                         "measure (each section says when and under which load it was measured)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_steps)
+        return
+    if args.jax_text_child:
+        jax_text_child(args)
+        return
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS) - set(EXTRA_PARTS))
+    if unknown:
+        raise SystemExit(f"--parts: unknown {unknown}; known: {PARTS + EXTRA_PARTS}")
+
+    import jax
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    started = time.perf_counter()
+    result: dict[str, Any] = {"benchmark": "train_step (CPU)", "setting": vars(args),
+                              "machine": benchlib.machine(), "jax_devices":
+                              [str(d) for d in jax.devices()]}
+    peak = None
+    if "matmul" in parts:
+        result["matmul"] = benchlib.matmul_flops(args.matmul)
+        peak = result["matmul"]["flops_per_s"]
+        print(f"[matmul] {peak / 1e9:.1f} GFLOP/s float32 ({args.matmul}^3)", flush=True)
+    shared = shared_pieces()
+    r, k = shared.relations_np["mask"].shape
+
+    def stamp(part: str) -> None:
+        result[part]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        result[part]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+
+    if {"text", "variants", "profile"} & set(parts):
+        model, tcfg, _ = build_roc(shared, image=False)
+        text_flops = flops_per_example(tcfg, LENGTH, BATCH, (r, k))
+        batch = synthetic_batch(BATCH, LENGTH)
+    if "text" in parts:
+        result["text"] = compare("text", model, tcfg, None, shared, batch, args, text_flops, peak)
+        stamp("text")
+    if "multimodal" in parts:
+        model, tcfg, vcfg = build_roc(shared, image=True)
+        flops = flops_per_example(tcfg, LENGTH, BATCH, (r, k), vcfg, args.image_size)
+        mm_batch = synthetic_batch(BATCH, LENGTH, image_size=args.image_size)
+        result["multimodal"] = compare("multimodal", model, tcfg, vcfg, shared, mm_batch, args,
+                                       flops, peak)
+        result["multimodal"]["image_size"] = args.image_size
+        stamp("multimodal")
+    if "variants" in parts:
+        result["variants"] = variants(shared, batch, args, text_flops, peak)
+        stamp("variants")
+    if "profile" in parts:
+        result["profile"] = profile_text(shared, batch, ROOT / "benchmarks" / "profiles" /
+                                         "text_train_step.txt")
+        stamp("profile")
+    if "compile" in parts:
+        result["compile"] = compile_epoch(shared)
+        stamp("compile")
+    if "retrieval" in parts:
+        result["retrieval"] = retrieval(shared, args)
+        stamp("retrieval")
+    if "memory" in parts:
+        result["memory"] = memory(args)
+        stamp("memory")
+    if "flags" in parts:
+        result["flags"] = flags_sweep(args)
+        stamp("flags")
+    out = Path(args.out)
+    if args.keep and out.exists():
+        old = json.loads(out.read_text())
+        for part in PARTS + EXTRA_PARTS:
+            if part not in result and part in old:
+                result[part] = {**old[part], "kept_from_earlier_run": True}
+    result["summary"] = make_summary(result)
+    result["wall_s"] = time.perf_counter() - started
+    print(json.dumps(result["summary"], indent=1, default=float), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(f"wrote {out}")
+    for sec in ("text", "multimodal"):
+        for side in ("jax", "torch"):
+            if sec in parts:
+                assert math.isfinite(result[sec][side]["final_loss"]), f"non-finite {sec} {side}"
+
+
+def make_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of whatever sections ``result`` holds, and the targets' verdicts."""
+    summary: dict[str, Any] = {}
+    if "text" in result:
+        t = result["text"]
+        summary.update(jax_ex_per_s=t["jax"]["ex_per_s"], torch_ex_per_s=t["torch"]["ex_per_s"],
+                       ratio_vs_torch=t["ratio_vs_torch"], mfu=t.get("mfu"),
+                       torch_mfu=t.get("torch_mfu"))
+    if "matmul" in result:
+        summary["matmul_gflops_f32"] = result["matmul"]["flops_per_s"] / 1e9
+    if "multimodal" in result:
+        m = result["multimodal"]
+        summary.update(mm_image_size=m["image_size"], mm_jax_ex_per_s=m["jax"]["ex_per_s"],
+                       mm_torch_ex_per_s=m["torch"]["ex_per_s"],
+                       mm_ratio_vs_torch=m["ratio_vs_torch"], mm_mfu=m.get("mfu"))
+    if "compile" in result:
+        c = result["compile"]
+        summary.update(compiles_per_epoch=c["compiles_per_epoch"], compile_limit=c["limit"],
+                       buckets=c["buckets"], eval_shapes=c["eval_signatures"],
+                       compile_s=c["xla_backend_compile_s"])
+    if "retrieval" in result:
+        summary["cache_vs_reencode_ratio"] = result["retrieval"]["eval"]["ratio"]
+        summary["cache_vs_reencode_ratio_predict_batch8"] = result["retrieval"]["predict"]["ratio"]
+        summary["cache_vs_reencode_ratio_scoring_only"] = (
+            result["retrieval"]["scoring_only"]["ratio"])
+    if "memory" in result:
+        summary["peak_rss_gb"] = result["memory"]["peak_rss_gb"]
+    if "variants" in result:
+        summary["variants_ex_per_s"] = {k: v["ex_per_s"] for k, v in result["variants"].items()
+                                        if isinstance(v, dict) and "ex_per_s" in v}
+    checks = {
+        "ratio_vs_torch": ("ratio_vs_torch", lambda v: v >= TARGETS["ratio_vs_torch"]),
+        "mfu": ("mfu", lambda v: v >= TARGETS["mfu"]),
+        "cache_vs_reencode_ratio": ("cache_vs_reencode_ratio",
+                                    lambda v: v >= TARGETS["cache_vs_reencode_ratio"]),
+        "peak_rss_gb": ("peak_rss_gb", lambda v: v < TARGETS["peak_rss_gb"]),
+    }
+    summary["targets"] = TARGETS
+    summary["target_met"] = {name: bool(ok(summary[key])) for name, (key, ok) in checks.items()
+                             if summary.get(key) is not None}
+    if "compiles_per_epoch" in summary:
+        summary["target_met"]["compiles_per_epoch"] = (summary["compiles_per_epoch"]
+                                                       <= summary["compile_limit"])
+    summary["load_average_start"] = result["machine"]["load_average"]
+    summary["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return summary
+
+
+if __name__ == "__main__":
+    main()
