@@ -17,12 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from roc_jax.data.reading import (
-    DataError,
     LineChecker,
     ReadResult,
-    Tally,
-    iter_dict_lines,
     make_sample,
+    read_lines,
 )
 from roc_jax.data.records import Entity, Sample, load_rel2id
 
@@ -63,23 +61,9 @@ def read_mnre(path: str | Path, rel2id: dict[str, int], image_dir: str | Path | 
     Returns:
       ``ReadResult`` with the samples in file order and the skip counts by reason.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MNRE file not found: {path}")
     image_dir = Path(image_dir) if image_dir is not None else None
-    tally = Tally(path, strict, allow_missing_images)
-    for number, record in iter_dict_lines(path):
-        tally.num_lines += 1
-        if isinstance(record, DataError):
-            tally.skip(record)
-            continue
-        try:
-            sample = _parse(LineChecker(path, number, record), rel2id, image_dir, check_images)
-        except DataError as e:
-            tally.skip(e)
-            continue
-        tally.add(sample, number)
-    return tally.result()
+    return read_lines(path, lambda c: _parse(c, rel2id, image_dir, check_images), dataset="MNRE", strict=strict,
+                      allow_missing_images=allow_missing_images)
 
 
 def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None,

@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from roc_jax.data.reading import (
-    DataError,
     LineChecker,
     ReadResult,
-    Tally,
-    iter_dict_lines,
     make_sample,
+    read_lines,
 )
 from roc_jax.data.records import Entity, Sample, load_rel2id
 
@@ -92,24 +90,9 @@ def read_more(path: str | Path, rel2id: dict[str, int], image_dir: str | Path | 
     Returns:
       ``ReadResult``; each tail is ``Entity(name, span=None, box=(x0, y0, x1, y1))``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MORE file not found: {path}")
     image_dir = Path(image_dir) if image_dir is not None else None
-    tally = Tally(path, strict, allow_missing_images)
-    for number, record in iter_dict_lines(path):
-        tally.num_lines += 1
-        if isinstance(record, DataError):
-            tally.skip(record)
-            continue
-        try:
-            sample = _parse(LineChecker(path, number, record), rel2id, image_dir, objects,
-                            check_images)
-        except DataError as e:
-            tally.skip(e)
-            continue
-        tally.add(sample, number)
-    return tally.result()
+    return read_lines(path, lambda c: _parse(c, rel2id, image_dir, objects, check_images), dataset="MORE", strict=strict,
+                      allow_missing_images=allow_missing_images)
 
 
 def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None,

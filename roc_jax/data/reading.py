@@ -28,7 +28,7 @@ import collections
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,3 +259,27 @@ class Tally:
                 self.num_lines, len(self.samples), self.missing_images,
                 dict(self.skipped) or "none")
         return result
+
+
+def read_lines(path: str | Path, parse: Callable[[LineChecker], Sample], *, dataset: str,
+               strict: bool, allow_missing_images: bool) -> ReadResult:
+    """The loop every reader shares: one dict literal per line -> ``parse`` -> tally.
+
+    A bad line raises in ``strict`` mode and is skipped and counted by reason otherwise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{dataset} file not found: {path}")
+    tally = Tally(path, strict, allow_missing_images)
+    for number, record in iter_dict_lines(path):
+        tally.num_lines += 1
+        if isinstance(record, DataError):
+            tally.skip(record)
+            continue
+        try:
+            sample = parse(LineChecker(path, number, record))
+        except DataError as e:
+            tally.skip(e)
+            continue
+        tally.add(sample, number)
+    return tally.result()
