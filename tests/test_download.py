@@ -3,9 +3,9 @@
 import hashlib
 import http.server
 import socket
-import threading
 
 import pytest
+from local_http import LocalHTTPServer
 
 from roc_jax.data import download
 
@@ -51,14 +51,11 @@ class _Server:
                     return
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self._http = LocalHTTPServer(Handler)
+        self.url = self._http.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._http.close()
 
 
 @pytest.fixture

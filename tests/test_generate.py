@@ -6,11 +6,11 @@ from __future__ import annotations
 import http.server
 import json
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from local_http import LocalHTTPServer
 
 from roc_jax.labels import descriptions as D
 from roc_jax.labels import generate as G
@@ -67,15 +67,11 @@ class FakeChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
-        self.thread.start()
+        self._http = LocalHTTPServer(Handler, "/v1")
+        self.url = self._http.url
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._http.close()
 
 
 @pytest.fixture
