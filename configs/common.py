@@ -56,6 +56,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
     # Batches where no row has an image skip the vision tower and fuse the text alone (lax.cond).
     c.model.skip_vision_without_images = True
+    # Batches with 1..vision_rows images run the ViT on those rows alone (0: all rows).
+    c.model.vision_rows = 4
 
     # --- training ---------------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()

@@ -97,6 +97,33 @@ def test_no_image_in_batch_skips_the_tower_with_the_same_result():
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("has_image", [(True, False, False, True), (True, True, True, False)])
+def test_few_image_rows_run_the_tower_on_those_rows_alone(has_image):
+    """With at most vision_rows images the ViT and the image fusion run on a gathered sub-batch
+    (3 images > 2 take the full path): the same logits and box-pooled object tails as the full
+    computation, and the same gradients."""
+    batch = _batch(has_image=has_image)
+    # Object tails on the image rows (one without its image has nothing to pool on any path).
+    batch["tail_is_object"] = jnp.asarray(has_image) & jnp.asarray([True, True, False, True])
+    batch["tail_box"] = jnp.asarray([[0.0, 0.0, 0.5, 1.0]] * B, jnp.float32)
+    few = _model(vision_rows=2)
+    full = _model(skip_vision_without_images=False)
+    np.testing.assert_allclose(_forward(few, batch, _relations())[0],
+                               _forward(full, batch, _relations())[0], atol=1e-5)
+
+    def grads(model):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(p):
+            logits, _ = nnx.merge(graphdef, p, rest, copy=True)(batch, _relations())
+            return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
+
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(few)), jax.tree.leaves(grads(full)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_model_without_images_needs_no_pixels_and_with_images_requires_them():
     text_only = _model(images=False)
     batch = _batch()
