@@ -1,0 +1,272 @@
+"""Real MNRE-2 quality: ROC against the classification head on the same encoder, and ablations.
+
+Every run is ``train.py --config configs/mnre.py:offline`` in its own process (MiniLM-L6 +
+DINOv2-S/14 offline weights, real MNRE-2 train, dev = ``mnre_val.txt``), with the overrides of its
+setting and a seed. The checkpoint is selected on val micro-F1 (the field's protocol, ``None``
+excluded): the reported figures are those of the best dev evaluation, read from the run's
+``dev_metrics/step_*.json``. Results accumulate in ``benchmarks/results/mnre_quality.json``
+(one entry per setting and seed; a finished entry is not rerun), so the runs can be spread over
+several sessions; the ``summary`` is recomputed from every entry each time.
+
+    python benchmarks/mnre_quality.py --data_dir ../shared/data/mnre --runs roc:0,cls:0
+    python benchmarks/mnre_quality.py --runs all       # 3 seeds x {roc, cls} + 5 ablations
+    python benchmarks/mnre_quality.py --runs roc:0 --set train.lr_encoder=5e-5   # tuning on val
+
+A *budget* is the number of epochs plus the ``--set`` overrides common to every setting; the
+summary compares ROC and classification within each budget, and its headline figures come from
+the budget with the most ROC and classification seeds (then the higher ROC mean).
+
+Settings (``SETTINGS``): ``roc`` (retrieval over the shipped descriptions, K=5), ``cls`` (softmax
+head), and the ablations ``roc_untyped`` (markers without entity types), ``roc_label_names``
+(K=1, the label path as text instead of descriptions), ``roc_one_description`` (K=1, the first
+description), ``roc_trained_descriptions`` (the description tower is trained, not frozen) and
+``roc_no_images`` (text only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "mnre_quality.json"
+DESCRIPTIONS = ROOT / "roc_jax" / "labels" / "data" / "mnre_descriptions.json"
+
+# setting -> config overrides (the ``{...}`` values are files this script writes in the workroot)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "roc": {},
+    "cls": {"model.head": "classification"},
+    "roc_untyped": {"data.marker_style": "untyped"},
+    "roc_label_names": {"data.descriptions": "{label_names}"},
+    "roc_one_description": {"data.descriptions": "{one_description}"},
+    "roc_trained_descriptions": {"model.train_description_tower": True},
+    "roc_no_images": {"data.use_images": False},
+}
+SEEDED = ("roc", "cls")  # 3 seeds each; the ablations one seed
+ALL_RUNS = [(s, seed) for s in SEEDED for seed in (0, 1, 2)] + \
+    [(s, 0) for s in SETTINGS if s not in SEEDED]
+
+
+def label_name_text(name: str) -> str:
+    """``'/per/per/couple'`` -> ``'per per couple'``: the label path as text (``None`` stays)."""
+    return " ".join(p for p in name.split("/") if p) or name
+
+
+def write_ablation_descriptions(out_dir: Path) -> dict[str, str]:
+    """The K=1 description files of two ablations, derived from the shipped file."""
+    shipped = json.loads(DESCRIPTIONS.read_text())
+    files = {}
+    for key, pick in (("label_names", lambda name, d: label_name_text(name)),
+                      ("one_description", lambda name, d: d[0])):
+        rels = {name: {"descriptions": [pick(name, e["descriptions"])]}
+                for name, e in shipped["relations"].items()}
+        path = out_dir / f"descriptions_{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": {"derived_from": DESCRIPTIONS.name, "ablation": key},
+                                    "relations": rels}, indent=1) + "\n")
+        files[key] = str(path)
+    return files
+
+
+def overrides_of(setting: str, files: dict[str, str]) -> dict[str, Any]:
+    return {k: (v.format(**files) if isinstance(v, str) else v)
+            for k, v in SETTINGS[setting].items()}
+
+
+def best_dev(workdir: Path) -> dict[str, Any]:
+    """The dev evaluation with the highest micro-F1 (the selected checkpoint's metrics)."""
+    reports = [json.loads(p.read_text()) for p in sorted((workdir / "dev_metrics").glob("*.json"))]
+    if not reports:
+        raise RuntimeError(f"{workdir}: no dev_metrics/*.json; the run did not reach an eval")
+    return max(reports, key=lambda r: (r["f1"], -r["step"]))
+
+
+def trained_steps(workdir: Path) -> int:
+    """The last step the run logged (all attempts together)."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    return max(row["step"] for row in rows if "step" in row)
+
+
+def logged_examples_per_s(workdir: Path) -> float | None:
+    """Median of the ``train/examples_per_sec`` the run logged (steady state, after compiles)."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rates = [row["train/examples_per_sec"] for row in map(json.loads, path.open())
+             if "train/examples_per_sec" in row]
+    return statistics.median(rates[1:] if len(rates) > 1 else rates) if rates else None
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``['train.lr_encoder=5e-5', ...]`` -> ``{'train.lr_encoder': '5e-5'}`` (config_flags parses
+    the values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value (a config field)")
+        out[key] = value
+    return out
+
+
+def budget_id(epochs: int, sets: dict[str, Any]) -> str:
+    """``'e1'`` or ``'e1 train.lr_encoder=5e-5'``: the key that groups comparable runs."""
+    return " ".join([f"e{epochs}"] + [f"{k}={v}" for k, v in sorted(sets.items())])
+
+
+def entry_budget(entry: dict[str, Any]) -> str:
+    return budget_id(entry["epochs"], entry.get("sets", {}))
+
+
+def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
+            args: argparse.Namespace, files: dict[str, str]) -> dict[str, Any]:
+    """Trains one setting and seed in its own process; returns the results entry."""
+    suffix = "".join(f"_{k.split('.')[-1]}{v}" for k, v in sorted(sets.items()))
+    workdir = Path(args.workroot) / f"{setting}_s{seed}_e{epochs}{suffix}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides = {"seed": seed, "num_epochs": epochs, "data.tfds_dir": args.tfds_dir,
+                 **sets, **overrides_of(setting, files)}
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "configs/mnre.py:offline",
+           "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = {**os.environ, "ROC_DATA_DIR": args.data_dir}
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(args.workroot) / "jax_cache"))
+    print(f"[{setting} seed {seed}] {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    with (workdir / "train.log").open("a") as log:
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    wall = time.time() - t0
+    # A run stopped and resumed in the same workdir adds its attempts' times.
+    attempts_path = workdir / "attempts.json"
+    attempts = json.loads(attempts_path.read_text()) if attempts_path.exists() else []
+    attempts.append(wall)
+    attempts_path.write_text(json.dumps(attempts))
+    dev = best_dev(workdir)
+    steps = trained_steps(workdir)
+    return {
+        "setting": setting, "seed": seed, "epochs": epochs, "sets": sets,
+        "budget": budget_id(epochs, sets), "overrides": overrides,
+        "command": " ".join(cmd), "workdir": str(workdir),
+        "val": {"precision": 100 * dev["precision"], "recall": 100 * dev["recall"],
+                "f1": 100 * dev["f1"], "accuracy": 100 * dev["accuracy"],
+                "best_step": dev["step"]},
+        "val_per_relation_f1": {r["relation"]: 100 * r["f1"] for r in dev["per_relation"]},
+        "train_steps": steps,
+        "train_time_s": sum(attempts),
+        "attempts": len(attempts),
+        # Whole process: model load, compiles, training, dev evaluations.
+        "examples_per_s_wall": steps * args.batch_size / max(sum(attempts), 1e-9),
+        "examples_per_s_logged_median": logged_examples_per_s(workdir),
+    }
+
+
+def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per budget: ROC and classification val F1 over seeds; the headline from the best budget."""
+    def stats(xs):
+        return (statistics.mean(xs) if xs else None,
+                statistics.stdev(xs) if len(xs) > 1 else None)
+
+    budgets = {}
+    for budget in sorted({entry_budget(e) for e in entries}):
+        group = [e for e in entries if entry_budget(e) == budget]
+        f1s = {s: [e["val"]["f1"] for e in group if e["setting"] == s] for s in SETTINGS}
+        roc_m, roc_s = stats(f1s["roc"])
+        cls_m, cls_s = stats(f1s["cls"])
+        b = {"roc_val_f1_mean": roc_m, "roc_val_f1_std": roc_s, "roc_seeds": len(f1s["roc"]),
+             "cls_val_f1_mean": cls_m, "cls_val_f1_std": cls_s, "cls_seeds": len(f1s["cls"]),
+             "per_setting_val_f1": {s: v for s, v in f1s.items() if v}}
+        if roc_m is not None and cls_m is not None:
+            b["roc_minus_cls"] = roc_m - cls_m
+        if None not in (roc_m, cls_m, roc_s, cls_s):
+            # "beats by more than the seeds' spread": the gap exceeds the larger of the two stds
+            b["roc_beats_cls_beyond_spread"] = roc_m - cls_m > max(roc_s, cls_s)
+        budgets[budget] = b
+    out: dict[str, Any] = {}
+    if budgets:
+        head = max(budgets, key=lambda k: (min(budgets[k]["roc_seeds"], budgets[k]["cls_seeds"]),
+                                           budgets[k]["roc_seeds"] + budgets[k]["cls_seeds"],
+                                           budgets[k]["roc_val_f1_mean"] or 0.0))
+        out = {"headline_budget": head, **{k: v for k, v in budgets[head].items()
+                                           if k != "per_setting_val_f1"}}
+    best = max(entries, key=lambda e: e["val"]["f1"]) if entries else None
+    out["best_val_f1"] = best["val"]["f1"] if best else None
+    out["best_run"] = f"{best['setting']} seed {best['seed']} ({entry_budget(best)})" \
+        if best else None
+    out["budgets"] = budgets
+    return out
+
+
+def parse_runs(spec: str) -> list[tuple[str, int]]:
+    if spec == "all":
+        return list(ALL_RUNS)
+    runs = []
+    for item in spec.split(","):
+        setting, _, seed = item.partition(":")
+        if setting not in SETTINGS:
+            raise SystemExit(f"--runs: unknown setting {setting!r} (known: {sorted(SETTINGS)})")
+        runs.append((setting, int(seed or 0)))
+    return runs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data_dir", default=os.environ.get("ROC_DATA_DIR")
+                   or os.environ.get("ROC_MNRE_DIR", ""),
+                   help="the raw MNRE folder (mnre_train.txt, mnre_val.txt, ours_rel2id.json)")
+    p.add_argument("--runs", default="roc:0,cls:0", help="'all' or setting:seed,...")
+    p.add_argument("--epochs", type=int, default=1, help="the budget of every run (same for all)")
+    p.add_argument("--batch_size", type=int, default=32, help="must match the config's")
+    p.add_argument("--workroot", default=str(ROOT / "workdirs" / "mnre_quality"))
+    p.add_argument("--tfds_dir", default="", help="shared TFDS build folder ('' -> default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override common to every run of this call (part of the budget)")
+    p.add_argument("--force", action="store_true", help="rerun entries already in the results")
+    args = p.parse_args()
+    if not (Path(args.data_dir) / "mnre_train.txt").exists():
+        raise SystemExit(f"--data_dir={args.data_dir!r}: mnre_train.txt not found "
+                         "(point it, or ROC_DATA_DIR, at the raw MNRE folder)")
+    files = write_ablation_descriptions(Path(args.workroot))
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    entries = old.get("runs", [])
+    sets = parse_sets(args.set)
+    budget = budget_id(args.epochs, sets)
+
+    def key_of(e):
+        return e["setting"], e["seed"], entry_budget(e)
+
+    for setting, seed in parse_runs(args.runs):
+        key = (setting, seed, budget)
+        done = [e for e in entries if key_of(e) == key]
+        if done and not args.force:
+            print(f"[{setting} seed {seed}] already in {RESULTS.name}: skipped", flush=True)
+            continue
+        entry = run_one(setting, seed, args.epochs, sets, args, files)
+        entry["machine"] = machine()
+        entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entries = [e for e in entries if key_of(e) != key] + [entry]
+        print(f"[{setting} seed {seed}] val F1 {entry['val']['f1']:.2f} "
+              f"(P {entry['val']['precision']:.2f} R {entry['val']['recall']:.2f}) in "
+              f"{entry['train_time_s'] / 60:.1f} min", flush=True)
+        write_results(entries)
+
+
+def write_results(entries: list[dict[str, Any]]) -> None:
+    """Atomically rewrites the results file: every entry and the summary over them."""
+    result = {"benchmark": "mnre_quality", "summary": summarize(entries), "runs": entries}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, RESULTS)
+    print(json.dumps(result["summary"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
