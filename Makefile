@@ -8,7 +8,7 @@ ROC_DATA_DIR ?= data/mnre
 CONFIG ?= configs/mnre.py:offline
 WORKDIR ?= workdirs/mnre_offline
 
-.PHONY: install test train lint clean
+.PHONY: install test train lint check-install clean
 
 $(VENV)/.installed: requirements.txt requirements-offline.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 
 train: install
 	ROC_DATA_DIR=$(ROC_DATA_DIR) $(PY) train.py --config $(CONFIG) --workdir $(WORKDIR)
+
+# `pip install .` into a fresh venv, then roc-train / roc-eval / roc-predict on fixture data.
+check-install:
+	bash tools/check_install.sh
 
 lint: install
 	$(PY) -m ruff check .

