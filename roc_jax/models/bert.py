@@ -35,6 +35,9 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     add_pooler: bool = True
+    # Ours, not a HF config.json field (from_hf leaves it at the default): the attention kernel,
+    # see roc_jax.models.layers.ATTENTION_IMPLS. Set it with dataclasses.replace.
+    attention_impl: str = "einsum"
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json") -> BertConfig:
@@ -111,6 +114,7 @@ class BertLayer(nnx.Module):
             config.num_attention_heads,
             dropout=config.attention_probs_dropout_prob,
             dtype=dtype,
+            attention_impl=config.attention_impl,
             rngs=rngs,
         )
         self.attention_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)

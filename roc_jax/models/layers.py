@@ -73,12 +73,42 @@ def layer_norm(dim: int, eps: float, *, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     )
 
 
+# ``attention_impl`` values. "einsum": two einsums around a float32 softmax, with dropout on the
+# probabilities (the reference). "fused": ``jax.nn.dot_product_attention``; on a GPU with bf16/fp16
+# compute it is asked for cuDNN's flash-attention kernel explicitly (``implementation=None`` means
+# plain XLA in jax 0.10), elsewhere its XLA implementation. The fused kernel has no dropout on the
+# attention probabilities, so "fused" refuses to train with ``attention_probs_dropout_prob > 0``.
+ATTENTION_IMPLS = ("einsum", "fused")
+
+
+def fused_attention_backend(dtype, head_dim: int, length: int) -> str:
+    """The ``implementation`` that ``attention_impl="fused"`` passes to dot_product_attention.
+
+    ``"cudnn"`` when the default backend is a GPU, the compute dtype is bf16/fp16 (cuDNN's flash
+    attention has no float32 kernel), the head dim is a multiple of 8 up to 128 and the sequence
+    length is even (cuDNN's condition for training with a bias, which is how the key mask reaches
+    it); otherwise ``"xla"``. The rule is static, so one config always compiles the same kernel.
+    """
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if (jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128
+            and length % 2 == 0):
+        return "cudnn"
+    return "xla"
+
+
 class MultiHeadAttention(nnx.Module):
     """Self-attention with separate query/key/value/output projections (the HF layout).
 
     ``__call__(x [B, L, D], mask [B, L] bool | None) -> [B, L, D]``. The mask marks the keys that
-    may be attended to; masked logits get the float32 minimum added, as in transformers, so a
-    padded query still yields finite values.
+    may be attended to (any pattern, not only right padding); masked logits get the float32
+    minimum added, as in transformers, so a padded query still yields finite values. A query whose
+    keys are all masked attends uniformly to every key in both implementations.
+
+    ``attention_impl`` picks the kernel (see ``ATTENTION_IMPLS``); "einsum" is the default and
+    the reference. "fused" raises ``ValueError`` when called in training mode with a nonzero
+    attention dropout, since the fused kernel cannot drop attention probabilities: set
+    ``attention_probs_dropout_prob=0`` (a change of the recipe, so it is the user's to make) or
+    use "einsum". In evaluation mode (``model.eval()``) the dropout is inactive and "fused" runs.
     """
 
     def __init__(
@@ -88,13 +118,17 @@ class MultiHeadAttention(nnx.Module):
         *,
         dropout: float = 0.0,
         dtype=jnp.float32,
+        attention_impl: str = "einsum",
         rngs: nnx.Rngs,
     ):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not a multiple of num_heads {num_heads}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={attention_impl!r}, expected one of {ATTENTION_IMPLS}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dtype = dtype
+        self.attention_impl = attention_impl
         self.query = dense(dim, dim, dtype=dtype, rngs=rngs)
         self.key = dense(dim, dim, dtype=dtype, rngs=rngs)
         self.value = dense(dim, dim, dtype=dtype, rngs=rngs)
@@ -108,6 +142,8 @@ class MultiHeadAttention(nnx.Module):
         q = self.query(x).reshape(shape) * jnp.asarray(self.head_dim**-0.5, self.dtype)
         k = self.key(x).reshape(shape)
         v = self.value(x).reshape(shape)
+        if self.attention_impl == "fused":
+            return self.out(self._fused(q, k, v, mask).reshape(b, length, -1))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if mask is not None:
             bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
@@ -116,6 +152,27 @@ class MultiHeadAttention(nnx.Module):
         probs = self.dropout(probs)
         ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, -1)
         return self.out(ctx)
+
+    def _fused(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+        """``jax.nn.dot_product_attention`` on ``[B, L, N, H]`` (q already scaled)."""
+        if self.dropout.rate > 0 and not self.dropout.deterministic:
+            raise ValueError(
+                f"attention_impl='fused' cannot apply attention dropout "
+                f"(rate {self.dropout.rate}) in training: the fused kernel has no dropout on the "
+                f"attention probabilities. Set attention_probs_dropout_prob=0 in the encoder "
+                f"config, or use attention_impl='einsum'."
+            )
+        b, length = q.shape[:2]
+        impl = fused_attention_backend(self.dtype, self.head_dim, length)
+        if mask is not None:
+            # [B, 1, 1, S] broadcasts over heads and queries for XLA; cuDNN turns the mask into an
+            # additive bias and checks that bias has the full [.., T, S] extent. A general boolean
+            # mask (not key_value_seq_lengths) because the fusion layers mask [text | image]
+            # tokens, which is not right padding.
+            mask = mask.astype(bool)[:, None, None, :]
+            if impl == "cudnn":
+                mask = jnp.broadcast_to(mask, (b, 1, length, length))
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=impl)
 
 
 def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:

@@ -54,6 +54,9 @@ class ViTConfig:
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
     add_pooler: bool = False
+    # Ours, not a HF config.json field (from_hf leaves it at the default): the attention kernel,
+    # see roc_jax.models.layers.ATTENTION_IMPLS. Set it with dataclasses.replace.
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -118,6 +121,7 @@ class ViTLayer(nnx.Module):
             config.num_attention_heads,
             dropout=config.attention_probs_dropout_prob,
             dtype=dtype,
+            attention_impl=config.attention_impl,
             rngs=rngs,
         )
         self.norm2 = layer_norm(d, eps, dtype=dtype, rngs=rngs)
