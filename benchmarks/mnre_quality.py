@@ -204,6 +204,29 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README's Results table: one row per budget and setting (mean, std over seeds)."""
+    rows = ["| budget | setting | seeds | val micro-F1 (mean) | std | P | R | acc | train time |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    runs = result["runs"]
+    for budget in summarize(runs)["budgets"]:
+        for setting in SETTINGS:
+            group = [e for e in runs if entry_budget(e) == budget and e["setting"] == setting]
+            if not group:
+                continue
+            f1 = [e["val"]["f1"] for e in group]
+
+            def mean(key, group=group):
+                return statistics.mean(e["val"][key] for e in group)
+
+            std = f"{statistics.stdev(f1):.2f}" if len(f1) > 1 else "-"
+            minutes = statistics.mean(e["train_time_s"] for e in group) / 60
+            rows.append(f"| {budget} | {setting} | {len(f1)} | {statistics.mean(f1):.2f} | {std} "
+                        f"| {mean('precision'):.2f} | {mean('recall'):.2f} "
+                        f"| {mean('accuracy'):.2f} | {minutes:.1f} min |")
+    return "\n".join(rows)
+
+
 def parse_runs(spec: str) -> list[tuple[str, int]]:
     if spec == "all":
         return list(ALL_RUNS)
@@ -229,7 +252,12 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override common to every run of this call (part of the budget)")
     p.add_argument("--force", action="store_true", help="rerun entries already in the results")
+    p.add_argument("--table", action="store_true",
+                   help="print the README table of the results file and exit (runs nothing)")
     args = p.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(RESULTS.read_text())))
+        return
     if not (Path(args.data_dir) / "mnre_train.txt").exists():
         raise SystemExit(f"--data_dir={args.data_dir!r}: mnre_train.txt not found "
                          "(point it, or ROC_DATA_DIR, at the raw MNRE folder)")

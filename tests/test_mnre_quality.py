@@ -78,3 +78,15 @@ def test_set_overrides_parse_and_name_the_budget():
     assert mq.budget_id(2, sets) == "e2 train.lr_encoder=5e-5 train.lr_head=1e-3"
     with pytest.raises(SystemExit, match="key=value"):
         mq.parse_sets(["train.lr_encoder"])
+
+
+def test_markdown_table_rows_per_budget_and_setting():
+    def entry(setting, seed, f1, sets=None):
+        return {"setting": setting, "seed": seed, "epochs": 1, "sets": sets or {},
+                "train_time_s": 600.0,
+                "val": {"f1": f1, "precision": 70.0, "recall": 40.0, "accuracy": 75.0}}
+
+    table = mq.markdown_table({"runs": [entry("roc", 0, 60.0), entry("roc", 1, 62.0),
+                                        entry("cls", 0, 55.0)]}).splitlines()
+    assert table[2] == "| e1 | roc | 2 | 61.00 | 1.41 | 70.00 | 40.00 | 75.00 | 10.0 min |"
+    assert table[3] == "| e1 | cls | 1 | 55.00 | - | 70.00 | 40.00 | 75.00 | 10.0 min |"
