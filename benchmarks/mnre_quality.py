@@ -90,20 +90,14 @@ def best_dev(workdir: Path) -> dict[str, Any]:
     return max(reports, key=lambda r: (r["f1"], -r["step"]))
 
 
-def trained_steps(workdir: Path) -> int:
-    """The last step the run logged (all attempts together)."""
+def logged_progress(workdir: Path) -> tuple[int, float | None]:
+    """From ``metrics.jsonl``: the last step logged (all attempts together) and the median of the
+    logged ``train/examples_per_sec`` (steady state: the first, compile-heavy interval left out)."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
-    return max(row["step"] for row in rows if "step" in row)
-
-
-def logged_examples_per_s(workdir: Path) -> float | None:
-    """Median of the ``train/examples_per_sec`` the run logged (steady state, after compiles)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rates = [row["train/examples_per_sec"] for row in map(json.loads, path.open())
-             if "train/examples_per_sec" in row]
-    return statistics.median(rates[1:] if len(rates) > 1 else rates) if rates else None
+    steps = max(row["step"] for row in rows if "step" in row)
+    rates = [row["train/examples_per_sec"] for row in rows if "train/examples_per_sec" in row]
+    median = statistics.median(rates[1:] if len(rates) > 1 else rates) if rates else None
+    return steps, median
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -150,7 +144,7 @@ def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
     attempts.append(wall)
     attempts_path.write_text(json.dumps(attempts))
     dev = best_dev(workdir)
-    steps = trained_steps(workdir)
+    steps, logged_rate = logged_progress(workdir)
     return {
         "setting": setting, "seed": seed, "epochs": epochs, "sets": sets,
         "budget": budget_id(epochs, sets), "overrides": overrides,
@@ -164,7 +158,7 @@ def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
         "attempts": len(attempts),
         # Whole process: model load, compiles, training, dev evaluations.
         "examples_per_s_wall": steps * args.batch_size / max(sum(attempts), 1e-9),
-        "examples_per_s_logged_median": logged_examples_per_s(workdir),
+        "examples_per_s_logged_median": logged_rate,
     }
 
 

@@ -10,20 +10,13 @@ Variants: ``:text`` (no images: the vision tower is skipped), ``:classification`
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-# Loaded by path (not `from configs import common`): config files are read by config_flags from
-# any working directory, where `configs` is not an importable package.
-_spec = importlib.util.spec_from_file_location("roc_configs_common", Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from roc_jax.config_base import get_base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = common.get_base_config()
+    c = get_base_config()
     c.data.dataset = "mnre"
     c.data.raw_dir = ""  # set by the test (a fixture folder)
     c.data.source = "raw"  # no TFDS build in tests

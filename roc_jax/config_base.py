@@ -1,4 +1,7 @@
-"""Defaults shared by every experiment config (ml_collections ``ConfigDict``).
+"""Defaults shared by every experiment config under ``configs/`` (ml_collections ``ConfigDict``).
+
+In the package (not in ``configs/``) so that config files, which config_flags loads by path from
+any working directory, can import it.
 
 Entry points load a config with ``--config configs/<name>.py[:variant]`` and override any field
 with ``--config.section.key=value``; an unknown key is an error (the dict is locked).
