@@ -147,6 +147,80 @@ def chunked_rate(step, sync, batch: int, seconds: float, chunk: int) -> tuple[fl
     return statistics.median(rates), steps
 
 
+KERNEL_CLASSES = (  # (class, substrings of a GPU kernel's name), first match wins
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "wgmma", "matmul", "dot")),
+    ("copy/transpose", ("memcpy", "memset", "copy", "transpose")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+
+
+def breakdown(times: dict[str, float], steps: int) -> dict:
+    """Per-step GPU kernel time (ms) by class and the 25 costliest kernels."""
+    by_class: dict[str, float] = collections.Counter()
+    for name, us in times.items():
+        by_class[kernel_class(name)] += us
+    total = sum(times.values())
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:25]
+    return {"steps": steps, "kernel_ms_per_step": total / steps / 1e3,
+            "by_class_ms_per_step": {k: v / steps / 1e3 for k, v in
+                                     sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms_per_step": [[n[:160], us / steps / 1e3] for n, us in top],
+            "kernels": len(times)}
+
+
+def profile_jax(step, sync, steps: int, log_dir: str) -> dict:
+    """GPU kernel times of ``steps`` steps from a jax.profiler (perfetto) trace."""
+    import glob
+
+    import jax
+
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            out = step()
+        sync(out)
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "*perfetto_trace.json.gz"),
+                             recursive=True))
+    if not files:
+        return {"error": f"no perfetto trace under {log_dir}"}
+    with gzip.open(files[-1], "rt") as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in procs.items() if "gpu" in name.lower() or "/device:" in name}
+    gpu = gpu or {pid for pid, name in procs.items() if "host" not in name.lower()}
+    times: dict[str, float] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu:
+            times[e.get("name", "?")] += float(e.get("dur", 0.0))
+    res = breakdown(times, steps)
+    res["trace"] = files[-1]
+    res["processes"] = sorted(set(procs.values()))[:20]
+    return res
+
+
+def profile_torch(step, sync, steps: int) -> dict:
+    """GPU kernel times of ``steps`` steps from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    times: dict[str, float] = collections.Counter()
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            times[evt.key] += float(getattr(evt, "self_device_time_total", 0.0))
+    return breakdown(times, steps)
+
+
 def _jit_parts(train_step) -> tuple:
     """The jitted step and its ``rest`` argument behind ``Trainer.train_step``'s lambda.
 
@@ -246,6 +320,9 @@ def run_jax(args, batch_size: int, dtype_name: str, attention: str, seconds: flo
         jax.block_until_ready(step())
     rate, steps = chunked_rate(step, jax.block_until_ready, batch_size, seconds, args.chunk)
     loss = float(step())
+    if getattr(args, "profile", ""):
+        extra["profile"] = profile_jax(step, jax.block_until_ready, 5,
+                                         os.path.join(args.profile, "jax"))
     heads = tcfg.num_attention_heads
     head_dim = tcfg.hidden_size // heads
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
@@ -295,9 +372,12 @@ def run_torch(args, batch_size: int, seconds: float) -> dict:
         step()
     sync()
     rate, steps = chunked_rate(step, sync, batch_size, seconds, args.chunk)
+    prof = profile_torch(step, sync, 5) if getattr(args, "profile", "") else None
     out = {"ex_per_s": rate, "steps": steps, "final_loss": float(step()), "batch": batch_size,
            "dtype": args.dtype, "torch": torch.__version__,
            "attn": getattr(tcfg, "_attn_implementation", None)}
+    if prof is not None:
+        out["profile"] = prof
     return out
 
 
@@ -424,6 +504,8 @@ def main() -> None:
                     help="sweep: skip variants that would end after this many seconds")
     ap.add_argument("--compile-guess", type=float, default=80.0,
                     help="sweep: compile seconds assumed before the first one is measured")
+    ap.add_argument("--profile", default="",
+                    help="single run: trace 5 steps of each framework (jax.profiler under this folder, torch.profiler) and record GPU kernel time per step by class")
     ap.add_argument("--hlo-dir", default="",
                     help="sweep: write the einsum variants' compiled HLO here (gzip)")
     args = ap.parse_args()

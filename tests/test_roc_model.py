@@ -231,3 +231,21 @@ def test_trained_description_tower_recomputes_relation_vectors():
     assert np.isfinite(value)
     norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["description"]))
     assert norm > 0
+
+
+def test_centered_descriptions_ignore_a_shared_component():
+    # With centring, a vector added to every valid description embedding (the component that
+    # all descriptions share) changes no score; padded (masked) rows do not enter the centre.
+    rels = _relations()
+    shift = np.random.default_rng(3).normal(size=20).astype(np.float32) * 5
+    mask = np.asarray(rels["mask"])
+    shifted = {**rels, "embeddings": rels["embeddings"] + shift * mask[..., None]}
+    junk = {**rels, "embeddings": jnp.where(rels["mask"][..., None], rels["embeddings"], 1e3)}
+    centered = _model(images=False, center_descriptions=True)
+    base, _ = _forward(centered, _batch(), rels)
+    for other in (shifted, junk):
+        np.testing.assert_allclose(_forward(centered, _batch(), other)[0], base,
+                                   rtol=1e-4, atol=1e-4)
+    plain = _model(images=False)
+    assert not np.allclose(_forward(plain, _batch(), shifted)[0], _forward(plain, _batch(),
+                                                                            rels)[0], atol=1e-3)
