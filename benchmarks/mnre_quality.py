@@ -187,6 +187,16 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
         if None not in (roc_m, cls_m, roc_s, cls_s):
             # "beats by more than the seeds' spread": the gap exceeds the larger of the two stds
             b["roc_beats_cls_beyond_spread"] = roc_m - cls_m > max(roc_s, cls_s)
+        # Every retrieval setting of this budget against classification (hypotheses included).
+        b["vs_cls"] = {}
+        for s, xs in f1s.items():
+            if s == "cls" or not xs or cls_m is None:
+                continue
+            m, sd = stats(xs)
+            row = {"mean": m, "std": sd, "seeds": len(xs), "minus_cls": m - cls_m}
+            if sd is not None and cls_s is not None:
+                row["beats_cls_beyond_spread"] = m - cls_m > max(sd, cls_s)
+            b["vs_cls"][s] = row
         budgets[budget] = b
     out: dict[str, Any] = {}
     if budgets:
