@@ -320,7 +320,7 @@ def run_jax(args, batch_size: int, dtype_name: str, attention: str, seconds: flo
         jax.block_until_ready(step())
     rate, steps = chunked_rate(step, jax.block_until_ready, batch_size, seconds, args.chunk)
     loss = float(step())
-    if getattr(args, "profile", ""):
+    if args.profile:
         extra["profile"] = profile_jax(step, jax.block_until_ready, 5,
                                          os.path.join(args.profile, "jax"))
     heads = tcfg.num_attention_heads
@@ -372,12 +372,11 @@ def run_torch(args, batch_size: int, seconds: float) -> dict:
         step()
     sync()
     rate, steps = chunked_rate(step, sync, batch_size, seconds, args.chunk)
-    prof = profile_torch(step, sync, 5) if getattr(args, "profile", "") else None
     out = {"ex_per_s": rate, "steps": steps, "final_loss": float(step()), "batch": batch_size,
            "dtype": args.dtype, "torch": torch.__version__,
            "attn": getattr(tcfg, "_attn_implementation", None)}
-    if prof is not None:
-        out["profile"] = prof
+    if args.profile:
+        out["profile"] = profile_torch(step, sync, 5)
     return out
 
 

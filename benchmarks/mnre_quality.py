@@ -179,24 +179,25 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
         f1s = {s: [e["val"]["f1"] for e in group if e["setting"] == s] for s in SETTINGS}
         roc_m, roc_s = stats(f1s["roc"])
         cls_m, cls_s = stats(f1s["cls"])
-        b = {"roc_val_f1_mean": roc_m, "roc_val_f1_std": roc_s, "roc_seeds": len(f1s["roc"]),
-             "cls_val_f1_mean": cls_m, "cls_val_f1_std": cls_s, "cls_seeds": len(f1s["cls"]),
-             "per_setting_val_f1": {s: v for s, v in f1s.items() if v}}
-        if roc_m is not None and cls_m is not None:
-            b["roc_minus_cls"] = roc_m - cls_m
-        if None not in (roc_m, cls_m, roc_s, cls_s):
-            # "beats by more than the seeds' spread": the gap exceeds the larger of the two stds
-            b["roc_beats_cls_beyond_spread"] = roc_m - cls_m > max(roc_s, cls_s)
         # Every retrieval setting of this budget against classification (hypotheses included).
-        b["vs_cls"] = {}
+        vs_cls = {}
         for s, xs in f1s.items():
             if s == "cls" or not xs or cls_m is None:
                 continue
             m, sd = stats(xs)
             row = {"mean": m, "std": sd, "seeds": len(xs), "minus_cls": m - cls_m}
             if sd is not None and cls_s is not None:
+                # "beats by more than the seeds' spread": the gap exceeds the larger std
                 row["beats_cls_beyond_spread"] = m - cls_m > max(sd, cls_s)
-            b["vs_cls"][s] = row
+            vs_cls[s] = row
+        b = {"roc_val_f1_mean": roc_m, "roc_val_f1_std": roc_s, "roc_seeds": len(f1s["roc"]),
+             "cls_val_f1_mean": cls_m, "cls_val_f1_std": cls_s, "cls_seeds": len(f1s["cls"]),
+             "per_setting_val_f1": {s: v for s, v in f1s.items() if v}}
+        if "roc" in vs_cls:
+            b["roc_minus_cls"] = vs_cls["roc"]["minus_cls"]
+            if "beats_cls_beyond_spread" in vs_cls["roc"]:
+                b["roc_beats_cls_beyond_spread"] = vs_cls["roc"]["beats_cls_beyond_spread"]
+        b["vs_cls"] = vs_cls
         budgets[budget] = b
     out: dict[str, Any] = {}
     if budgets:

@@ -274,8 +274,8 @@ class ROC(nnx.Module):
             # relations differ by short difference vectors. The centre is the mean over the
             # valid descriptions of the relation set being scored.
             m = mask.astype(jnp.float32)[..., None]
-            centre = jnp.sum(emb.astype(jnp.float32) * m, axis=(0, 1)) / jnp.maximum(m.sum(), 1.0)
-            emb = emb.astype(jnp.float32) - centre
+            emb = emb.astype(jnp.float32)
+            emb = emb - jnp.sum(emb * m, axis=(0, 1)) / jnp.maximum(m.sum(), 1.0)
         return l2_normalize(self.rel_proj(emb.astype(self.dtype)))
 
     def temperature(self) -> Array:
