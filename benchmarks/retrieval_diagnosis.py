@@ -14,10 +14,16 @@ Reads the runs that ``benchmarks/mnre_quality.py`` recorded (their workdirs) and
   vectors (the mean of a relation's K normalized descriptions, normalized), on average and for the
   most similar pairs, beside the same figure for the raw description embeddings;
 - **training loss** of each retrieval run minus the classification run of the same seed and
-  budget, at every logged step.
+  budget, at every logged step;
+- **``None`` threshold** (every run): val micro-F1 when ``None`` is predicted only at a probability
+  of at least tau, for a few tau, beside the field's argmax rule. Tau is chosen on the split it
+  is reported on, so the best figure is optimistic; it tells whether the errors are in the
+  ranking of the relations or in the ``None`` decision.
+
+``--parts`` picks the measurements; a run's other parts already in the results file are kept.
 
     python benchmarks/retrieval_diagnosis.py --data_dir ../shared/data/mnre
-    python benchmarks/retrieval_diagnosis.py --settings roc,cls --examples 512
+    python benchmarks/retrieval_diagnosis.py --settings roc,cls,roc_lse --parts none_threshold
 """
 
 from __future__ import annotations
