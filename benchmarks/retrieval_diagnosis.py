@@ -50,7 +50,9 @@ TEMPERATURES = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.15)
 def error_structure(confusion: np.ndarray, names: Sequence[str]) -> dict[str, int]:
     """Counts of a ``[R, R]`` confusion matrix (row gold, column predicted) by kind of error."""
     cm = np.asarray(confusion, np.int64)
-    n = list(names).index("None")
+    from roc_jax.data.records import NONE_LABEL
+
+    n = list(names).index(NONE_LABEL)
     correct_none = int(cm[n, n])
     return {
         "gold_relation_predicted_none": int(cm[:, n].sum()) - correct_none,
@@ -130,15 +132,15 @@ def none_threshold_sweep(logits: np.ndarray, labels: np.ndarray, none_id: int,
             "best_f1": round(out[best], 2)}
 
 
-def val_logits(workdir: Path, data_dir: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """``(logits [N, R], labels [N], none_id)`` of a run's selected checkpoint on all of val."""
+def val_logits(loaded: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(logits [N, R], labels [N], none_id)`` of a restored run (``roc_jax.load``) on all of
+    val."""
     import jax
 
-    import roc_jax
     from roc_jax import parallel, train_lib
     from roc_jax.data import pipeline
+    from roc_jax.data.records import NONE_LABEL
 
-    loaded = roc_jax.load(workdir, checkpoint="best", data_dir=data_dir)
     trainer = loaded.exp.trainer
     source = train_lib.load_sources(loaded.config, ["val"])["val"]
     logits, labels = [], []
@@ -150,7 +152,7 @@ def val_logits(workdir: Path, data_dir: str) -> tuple[np.ndarray, np.ndarray, in
                                     loaded.exp.relations)
             logits.append(np.asarray(out["logits"], np.float64)[keep])
             labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(logits), np.concatenate(labels), loaded.label_names.index("None")
+    return np.concatenate(logits), np.concatenate(labels), loaded.label_names.index(NONE_LABEL)
 
 
 def relation_crowding(vectors: np.ndarray, mask: np.ndarray, names: Sequence[str],
@@ -181,20 +183,17 @@ def loss_gaps(run_dir: Path, baseline_dir: Path) -> dict[str, float]:
     return {str(s): round(a[s] - b[s], 4) for s in sorted(set(a) & set(b))}
 
 
-def retrieval_vectors(workdir: Path, data_dir: str, splits: Sequence[str], examples: int
-                      ) -> dict[str, Any]:
-    """A retrieval run's selected checkpoint: its unit pair vectors ``[N, P]`` and labels on the
+def retrieval_vectors(loaded: Any, splits: Sequence[str], examples: int) -> dict[str, Any]:
+    """A restored retrieval run (``roc_jax.load``): its unit pair vectors ``[N, P]`` and labels on the
     first ``examples`` of each split, its projected ``[R, K, P]`` and raw ``[R, K, Dd]``
     description vectors, the mask, the temperature and the score mode."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    import roc_jax
     from roc_jax import parallel, train_lib
     from roc_jax.data import pipeline
 
-    loaded = roc_jax.load(workdir, checkpoint="best", data_dir=data_dir)
     trainer, relations = loaded.exp.trainer, loaded.exp.relations
 
     @jax.jit
@@ -227,9 +226,9 @@ def retrieval_vectors(workdir: Path, data_dir: str, splits: Sequence[str], examp
     return out
 
 
-def diagnose_retrieval(workdir: Path, data_dir: str, examples: int) -> dict[str, Any]:
+def diagnose_retrieval(loaded: Any, examples: int) -> dict[str, Any]:
     """Temperature sweep on val and train, and crowding of the projected and raw relations."""
-    v = retrieval_vectors(workdir, data_dir, ("val", "train"), examples)
+    v = retrieval_vectors(loaded, ("val", "train"), examples)
     out: dict[str, Any] = {"learned_temperature": v["temperature"], "mode": v["mode"]}
     for split in ("val", "train"):
         pair, labels = v[split]
@@ -257,6 +256,8 @@ def main() -> None:
     args = p.parse_args()
     import mnre_quality as mq
 
+    import roc_jax
+
     entries = json.loads(QUALITY.read_text())["runs"]
     wanted = set(filter(None, args.settings.split(",")))
     parts = set(args.parts.split(","))
@@ -279,20 +280,24 @@ def main() -> None:
             runs.append(row)
             continue
         start = time.perf_counter()
+        retrieval = e["setting"] != "cls" and "retrieval" in parts
+        # One restore per run, shared by the parts that need the model.
+        loaded = roc_jax.load(workdir, checkpoint="best", data_dir=args.data_dir) \
+            if retrieval or "none_threshold" in parts else None
         if "errors" in parts:
             dev = mq.best_dev(workdir)
             names = [r["relation"] for r in dev["per_relation"]]
             row["errors"] = error_structure(np.asarray(dev["confusion"]), names)
         if "none_threshold" in parts:
-            logits, labels, none_id = val_logits(workdir, args.data_dir)
+            logits, labels, none_id = val_logits(loaded)
             row["none_threshold"] = none_threshold_sweep(logits, labels, none_id,
                                                          NONE_THRESHOLDS)
         baseline = [b for b in entries if b["setting"] == "cls" and b["seed"] == e["seed"]
                     and mq.entry_budget(b) == row["budget"]]
-        if e["setting"] != "cls" and "retrieval" in parts:
+        if retrieval:
             if baseline and Path(baseline[0]["workdir"]).exists():
                 row["train_loss_minus_cls"] = loss_gaps(workdir, Path(baseline[0]["workdir"]))
-            row.update(diagnose_retrieval(workdir, args.data_dir, args.examples))
+            row.update(diagnose_retrieval(loaded, args.examples))
         row["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps({k: row[k] for k in row if k in ("setting", "seed", "budget", "val_f1",
                                                           "learned_temperature")}), flush=True)
