@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +37,10 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if shutil.which("nvidia-smi"):
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, check=False)
+        info["gpus"] = query.stdout.split("\n")[:-1] if query.returncode == 0 else []
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "grain"):
         try:

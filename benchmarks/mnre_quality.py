@@ -11,6 +11,12 @@ several sessions; the ``summary`` is recomputed from every entry each time.
     python benchmarks/mnre_quality.py --data_dir ../shared/data/mnre --runs roc:0,cls:0
     python benchmarks/mnre_quality.py --runs all       # 3 seeds x {roc, cls} + 5 ablations
     python benchmarks/mnre_quality.py --runs roc:0 --set train.lr_encoder=5e-5   # tuning on val
+    python benchmarks/mnre_quality.py --runs roc:0,roc:1,cls:0,cls:1 --jobs 4   # a GPU shared by 4
+
+``--jobs N`` trains N runs at once, each in its own process (a GPU that one small model leaves
+mostly idle; each process gets 1/N of the accelerator's memory). Every entry records the jobs it
+shared the machine with, since its examples/s depends on them. ``--results`` writes another file
+(runs on another machine); ``--merge that_file`` adds its entries to this one.
 
 A *budget* is the number of epochs plus the ``--set`` overrides common to every setting; the
 summary compares ROC and classification within each budget, and its headline figures come from
@@ -22,19 +28,23 @@ head), and the ablations ``roc_untyped`` (markers without entity types), ``roc_l
 description), ``roc_trained_descriptions`` (the description tower is trained, not frozen) and
 ``roc_no_images`` (text only). Hypothesis tests (``HYPOTHESES``, not in ``--runs all``):
 ``roc_centered`` (the relation set's mean description embedding subtracted before the
-projection) and ``roc_lse`` (every description a positive: a relation scores the log-sum-exp of
-its K description similarities instead of the similarity to their mean).
+projection), ``roc_lse`` (every description a positive: a relation scores the log-sum-exp of
+its K description similarities instead of the similarity to their mean) and ``roc_bias`` (a
+learned per-relation bias on the retrieval logits: the prior that a cosine cannot hold).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +66,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # Hypothesis tests (tuning on val), not ablations of the paper's design.
     "roc_centered": {"model.center_descriptions": True},
     "roc_lse": {"model.description_mode": "lse"},
+    "roc_bias": {"model.relation_bias": True},
 }
-HYPOTHESES = ("roc_centered", "roc_lse")
+HYPOTHESES = ("roc_centered", "roc_lse", "roc_bias")
 SEEDED = ("roc", "cls")  # 3 seeds each; the ablations one seed
 ALL_RUNS = [(s, seed) for s in SEEDED for seed in (0, 1, 2)] + \
     [(s, 0) for s in SETTINGS if s not in SEEDED + HYPOTHESES]
@@ -97,6 +108,12 @@ def best_dev(workdir: Path) -> dict[str, Any]:
     return max(reports, key=lambda r: (r["f1"], -r["step"]))
 
 
+def dev_curve(workdir: Path) -> dict[str, float]:
+    """``{step: val micro-F1 in percent}`` of every dev evaluation of the run (the learning curve)."""
+    reports = [json.loads(p.read_text()) for p in (workdir / "dev_metrics").glob("*.json")]
+    return {str(r["step"]): 100 * r["f1"] for r in sorted(reports, key=lambda r: r["step"])}
+
+
 def logged_progress(workdir: Path) -> tuple[int, float | None]:
     """From ``metrics.jsonl``: the last step logged (all attempts together) and the median of the
     logged ``train/examples_per_sec`` (steady state: the first, compile-heavy interval left out)."""
@@ -128,11 +145,18 @@ def entry_budget(entry: dict[str, Any]) -> str:
     return budget_id(entry["epochs"], entry.get("sets", {}))
 
 
+def run_dirname(setting: str, seed: int, epochs: int, sets: dict[str, Any]) -> str:
+    """``'roc_s0_e1_lr_encoder5e-5'``: one folder per run, directly under the workroot (a value's
+    path separators, as in a local encoder folder, become '-')."""
+    suffix = "".join("_" + k.split(".")[-1] + re.sub(r"[^\w.=-]+", "-", str(v))
+                     for k, v in sorted(sets.items()))
+    return f"{setting}_s{seed}_e{epochs}{suffix}"
+
+
 def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
             args: argparse.Namespace, files: dict[str, str]) -> dict[str, Any]:
     """Trains one setting and seed in its own process; returns the results entry."""
-    suffix = "".join(f"_{k.split('.')[-1]}{v}" for k, v in sorted(sets.items()))
-    workdir = Path(args.workroot) / f"{setting}_s{seed}_e{epochs}{suffix}"
+    workdir = Path(args.workroot) / run_dirname(setting, seed, epochs, sets)
     workdir.mkdir(parents=True, exist_ok=True)
     overrides = {"seed": seed, "num_epochs": epochs, "data.tfds_dir": args.tfds_dir,
                  **sets, **overrides_of(setting, files)}
@@ -140,6 +164,9 @@ def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
            "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "ROC_DATA_DIR": args.data_dir}
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(args.workroot) / "jax_cache"))
+    if args.jobs > 1:
+        # JAX takes 75 % of a GPU's memory by default: N processes must share it.
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / args.jobs:.3f}")
     print(f"[{setting} seed {seed}] {' '.join(cmd)}", flush=True)
     t0 = time.time()
     with (workdir / "train.log").open("a") as log:
@@ -160,12 +187,14 @@ def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
                 "f1": 100 * dev["f1"], "accuracy": 100 * dev["accuracy"],
                 "best_step": dev["step"]},
         "val_per_relation_f1": {r["relation"]: 100 * r["f1"] for r in dev["per_relation"]},
+        "val_f1_by_step": dev_curve(workdir),
         "train_steps": steps,
         "train_time_s": sum(attempts),
         "attempts": len(attempts),
         # Whole process: model load, compiles, training, dev evaluations.
         "examples_per_s_wall": steps * args.batch_size / max(sum(attempts), 1e-9),
         "examples_per_s_logged_median": logged_rate,
+        "concurrent_jobs": args.jobs,
     }
 
 
@@ -264,17 +293,27 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override common to every run of this call (part of the budget)")
     p.add_argument("--force", action="store_true", help="rerun entries already in the results")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process (a GPU has room for several)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the results file to update")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="add the entries of another results file that --results lacks, and exit")
     p.add_argument("--table", action="store_true",
                    help="print the README table of the results file and exit (runs nothing)")
     args = p.parse_args()
     if args.table:
-        print(markdown_table(json.loads(RESULTS.read_text())))
+        print(markdown_table(json.loads(args.results.read_text())))
         return
+    if args.merge:
+        merge_results(args.merge, args.results)
+        return
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs={args.jobs}: expected 1 or more")
     if not (Path(args.data_dir) / "mnre_train.txt").exists():
         raise SystemExit(f"--data_dir={args.data_dir!r}: mnre_train.txt not found "
                          "(point it, or ROC_DATA_DIR, at the raw MNRE folder)")
     files = write_ablation_descriptions(Path(args.workroot))
-    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old = json.loads(args.results.read_text()) if args.results.exists() else {}
     entries = old.get("runs", [])
     sets = parse_sets(args.set)
     budget = budget_id(args.epochs, sets)
@@ -282,29 +321,78 @@ def main() -> None:
     def key_of(e):
         return e["setting"], e["seed"], entry_budget(e)
 
+    todo = []
     for setting, seed in parse_runs(args.runs):
-        key = (setting, seed, budget)
-        done = [e for e in entries if key_of(e) == key]
-        if done and not args.force:
-            print(f"[{setting} seed {seed}] already in {RESULTS.name}: skipped", flush=True)
-            continue
-        entry = run_one(setting, seed, args.epochs, sets, args, files)
-        entry["machine"] = machine()
-        entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        entries = [e for e in entries if key_of(e) != key] + [entry]
-        print(f"[{setting} seed {seed}] val F1 {entry['val']['f1']:.2f} "
-              f"(P {entry['val']['precision']:.2f} R {entry['val']['recall']:.2f}) in "
-              f"{entry['train_time_s'] / 60:.1f} min", flush=True)
-        write_results(entries)
+        if any(key_of(e) == (setting, seed, budget) for e in entries) and not args.force:
+            print(f"[{setting} seed {seed}] already in {args.results.name}: skipped", flush=True)
+        else:
+            todo.append((setting, seed))
+    if todo and args.jobs > 1:
+        # The runs would otherwise all build the shared TFDS folder at once.
+        prebuild_tfds(args, sets)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, setting, seed, args.epochs, sets, args, files):
+                   (setting, seed) for setting, seed in todo}
+        for future in as_completed(futures):
+            setting, seed = futures[future]
+            try:
+                entry = future.result()
+            except (subprocess.CalledProcessError, RuntimeError) as e:
+                # The other runs go on; this one's train.log says why.
+                print(f"[{setting} seed {seed}] FAILED ({e}); see its train.log", flush=True)
+                continue
+            entry["machine"] = machine()
+            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            key = (setting, seed, budget)
+            entries = [e for e in entries if key_of(e) != key] + [entry]
+            print(f"[{setting} seed {seed}] val F1 {entry['val']['f1']:.2f} "
+                  f"(P {entry['val']['precision']:.2f} R {entry['val']['recall']:.2f}) in "
+                  f"{entry['train_time_s'] / 60:.1f} min", flush=True)
+            write_results(entries, args.results)
+    failed = len(todo) - sum(1 for s, seed in todo
+                             if any(key_of(e) == (s, seed, budget) for e in entries))
+    if failed:
+        raise SystemExit(f"{failed} of {len(todo)} runs failed")
 
 
-def write_results(entries: list[dict[str, Any]]) -> None:
+def prebuild_tfds(args: argparse.Namespace, sets: dict[str, Any]) -> None:
+    """Builds the TFDS folder once, before parallel runs read it: the build of train.py's
+    ``load_sources``, with this call's ``data.*`` overrides (they name the build). No JAX
+    computation runs here, so no accelerator memory is taken from the runs."""
+    sys.path.insert(0, str(ROOT))
+    os.environ["ROC_DATA_DIR"] = args.data_dir
+    from configs.mnre import get_config
+    from roc_jax import train_lib
+
+    config = get_config("offline")
+    config.data.tfds_dir = args.tfds_dir
+    for key, value in sets.items():
+        if key.startswith("data."):
+            field = key.split(".", 1)[1]
+            current = config.data[field]
+            config.data[field] = value if isinstance(current, str) else ast.literal_eval(value)
+    train_lib.load_sources(config, ("train", "val"))
+
+
+def merge_results(other: Path, path: Path = RESULTS) -> list[dict[str, Any]]:
+    """Adds the entries of ``other`` (same setting, seed and budget not yet in ``path``) to
+    ``path``; an entry already there is kept, not overwritten. Returns the added entries."""
+    entries = json.loads(path.read_text())["runs"] if path.exists() else []
+    have = {(e["setting"], e["seed"], entry_budget(e)) for e in entries}
+    added = [e for e in json.loads(other.read_text())["runs"]
+             if (e["setting"], e["seed"], entry_budget(e)) not in have]
+    print(f"{other}: {len(added)} entries added to {path}", flush=True)
+    write_results(entries + added, path)
+    return added
+
+
+def write_results(entries: list[dict[str, Any]], path: Path = RESULTS) -> None:
     """Atomically rewrites the results file: every entry and the summary over them."""
     result = {"benchmark": "mnre_quality", "summary": summarize(entries), "runs": entries}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
     print(json.dumps(result["summary"], indent=1), flush=True)
 
 

@@ -89,12 +89,14 @@ def prototype_cosines(pair: np.ndarray, projected: np.ndarray, mask: np.ndarray,
 
 
 def temperature_sweep(sims: np.ndarray, mask: np.ndarray, labels: np.ndarray,
-                      temperatures: Sequence[float]) -> dict[str, Any]:
+                      temperatures: Sequence[float], bias: np.ndarray | None = None
+                      ) -> dict[str, Any]:
     """Cross-entropy of fixed cosines under other temperatures.
 
     sims: ``[N, R, K]`` and mask ``[R, K]`` from ``prototype_cosines``; a relation scores
     ``logsumexp_k(cos_k / T) - log K_r`` (``roc_jax.labels.cache.relation_scores``; with K = 1
-    that is ``cos / T``). Returns the cross-entropy per temperature and the best temperature.
+    that is ``cos / T``), plus ``bias [R]`` when the run learned one (``model.relation_bias``;
+    held fixed like the cosines). Returns the cross-entropy per temperature and the best one.
     """
     m = np.asarray(mask, bool)
     count = np.maximum(m.sum(axis=1), 1)
@@ -103,6 +105,8 @@ def temperature_sweep(sims: np.ndarray, mask: np.ndarray, labels: np.ndarray,
         s = np.where(m[None], sims / t, -np.inf)
         peak = np.where(m.any(axis=1)[None, :, None], s.max(axis=2, keepdims=True), 0.0)
         lse = peak[..., 0] + np.log(np.exp(s - peak).sum(axis=2)) - np.log(count)[None]
+        if bias is not None:
+            lse = lse + np.asarray(bias)[None]
         out[f"{t:g}"] = round(cross_entropy(lse, labels), 4)
     return {"cross_entropy": out, "best_temperature": float(min(out, key=out.get))}
 
@@ -186,7 +190,8 @@ def loss_gaps(run_dir: Path, baseline_dir: Path) -> dict[str, float]:
 def retrieval_vectors(loaded: Any, splits: Sequence[str], examples: int) -> dict[str, Any]:
     """A restored retrieval run (``roc_jax.load``): its unit pair vectors ``[N, P]`` and labels on the
     first ``examples`` of each split, its projected ``[R, K, P]`` and raw ``[R, K, Dd]``
-    description vectors, the mask, the temperature and the score mode."""
+    description vectors, the mask, the temperature, the score mode and the learned relation bias
+    ``[R]`` (None without ``model.relation_bias``)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -222,6 +227,8 @@ def retrieval_vectors(loaded: Any, splits: Sequence[str], examples: int) -> dict
     out["mask"] = np.asarray(relations["mask"], bool)
     out["temperature"] = float(model.temperature())
     out["mode"] = model.config.description_mode
+    out["bias"] = (None if model.relation_bias is None
+                   else np.asarray(model.relation_bias[...], np.float64))
     out["names"] = list(loaded.label_names)
     return out
 
@@ -235,7 +242,8 @@ def diagnose_retrieval(loaded: Any, examples: int) -> dict[str, Any]:
         sims, mask = prototype_cosines(pair.astype(np.float64), v["projected"], v["mask"],
                                        v["mode"])
         out[f"sweep_{split}"] = {"examples": int(len(labels)),
-                                 **temperature_sweep(sims, mask, labels, TEMPERATURES)}
+                                 **temperature_sweep(sims, mask, labels, TEMPERATURES,
+                                                     v["bias"])}
     out["crowding_projected"] = relation_crowding(v["projected"], v["mask"], v["names"])
     out["crowding_raw_descriptions"] = relation_crowding(v["raw"], v["mask"], v["names"])
     return out

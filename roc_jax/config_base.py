@@ -58,6 +58,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.description_mode = "mean"  # how the K descriptions of a relation combine
     # Subtract the relation set's mean description embedding before the projection (ours).
     c.model.center_descriptions = False
+    # A learned per-relation bias on the retrieval logits, the prior a cosine cannot hold (ours).
+    c.model.relation_bias = False
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
     # Batches where no row has an image skip the vision tower and fuse the text alone (lax.cond).
     c.model.skip_vision_without_images = True

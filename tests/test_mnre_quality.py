@@ -90,3 +90,70 @@ def test_markdown_table_rows_per_budget_and_setting():
                                         entry("cls", 0, 55.0)]}).splitlines()
     assert table[2] == "| e1 | roc | 2 | 61.00 | 1.41 | 70.00 | 40.00 | 75.00 | 10.0 min |"
     assert table[3] == "| e1 | cls | 1 | 55.00 | - | 70.00 | 40.00 | 75.00 | 10.0 min |"
+
+
+def test_run_folders_are_flat_and_curves_follow_the_steps(tmp_path):
+    sets = {"train.lr_encoder": "5e-5", "model.text_encoder": ".gpucarry/minilm16"}
+    assert mq.run_dirname("roc", 1, 6, sets) == \
+        "roc_s1_e6_text_encoder.gpucarry-minilm16_lr_encoder5e-5"
+    (tmp_path / "dev_metrics").mkdir()
+    for step, f1 in ((764, 0.55), (382, 0.41)):
+        (tmp_path / "dev_metrics" / f"step_{step}.json").write_text(json.dumps(_report(step, f1)))
+    curve = mq.dev_curve(tmp_path)
+    assert list(curve) == ["382", "764"]
+    assert list(curve.values()) == pytest.approx([41.0, 55.0])
+
+
+def test_parallel_jobs_record_every_finished_run_and_count_the_failed(tmp_path, monkeypatch):
+    import subprocess
+    import threading
+    import time
+
+    (tmp_path / "mnre_train.txt").write_text("")
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fake_run_one(setting, seed, epochs, sets, args, files):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        if setting == "cls":
+            raise subprocess.CalledProcessError(1, ["train.py"])
+        return {"setting": setting, "seed": seed, "epochs": epochs, "sets": sets,
+                "train_time_s": 1.0, "concurrent_jobs": args.jobs,
+                "val": {"f1": 50.0 + seed, "precision": 60.0, "recall": 40.0, "accuracy": 70.0}}
+
+    prebuilt = []
+    monkeypatch.setattr(mq, "run_one", fake_run_one)
+    monkeypatch.setattr(mq, "prebuild_tfds", lambda args, sets: prebuilt.append(sets))
+    monkeypatch.setattr(mq, "machine", lambda: {"cpu_count": 2})
+    results = tmp_path / "results.json"
+    monkeypatch.setattr(sys, "argv", [
+        "mnre_quality.py", "--data_dir", str(tmp_path), "--workroot", str(tmp_path / "work"),
+        "--runs", "roc:0,roc:1,cls:0", "--epochs", "6", "--jobs", "3",
+        "--set", "train.lr_encoder=5e-5", "--results", str(results)])
+    with pytest.raises(SystemExit, match="1 of 3 runs failed"):
+        mq.main()
+    assert peak[0] == 3  # the three runs overlapped
+    assert prebuilt == [{"train.lr_encoder": "5e-5"}]  # built once, before the runs
+    written = json.loads(results.read_text())
+    assert sorted((e["setting"], e["seed"]) for e in written["runs"]) == [("roc", 0), ("roc", 1)]
+    assert written["summary"]["roc_val_f1_mean"] == pytest.approx(50.5)
+    assert all(e["concurrent_jobs"] == 3 for e in written["runs"])
+
+
+def test_merge_adds_only_the_missing_entries(tmp_path):
+    def entry(setting, seed, f1):
+        return {"setting": setting, "seed": seed, "epochs": 6, "sets": {}, "val": {"f1": f1}}
+
+    main, other = tmp_path / "main.json", tmp_path / "gpu.json"
+    mq.write_results([entry("roc", 0, 50.0)], main)
+    mq.write_results([entry("roc", 0, 99.0), entry("cls", 0, 52.0)], other)
+    added = mq.merge_results(other, main)
+    assert [(e["setting"], e["val"]["f1"]) for e in added] == [("cls", 52.0)]
+    merged = json.loads(main.read_text())
+    assert sorted((e["setting"], e["val"]["f1"]) for e in merged["runs"]) == [
+        ("cls", 52.0), ("roc", 50.0)]
+    assert merged["summary"]["cls_val_f1_mean"] == 52.0

@@ -32,8 +32,8 @@ def test_error_structure_splits_the_errors_by_kind():
         "gold_relations": 30}
 
 
-@pytest.mark.parametrize("mode", ["mean", "lse"])
-def test_temperature_sweep_reproduces_the_heads_cross_entropy(mode):
+@pytest.mark.parametrize("mode,with_bias", [("mean", False), ("lse", False), ("mean", True)])
+def test_temperature_sweep_reproduces_the_heads_cross_entropy(mode, with_bias):
     rng = np.random.default_rng(0)
     n, r, k, p = 40, 5, 3, 8
     pair = rng.normal(size=(n, p))
@@ -44,10 +44,12 @@ def test_temperature_sweep_reproduces_the_heads_cross_entropy(mode):
     mask[2, 1:] = False  # a relation with one description
     labels = rng.integers(0, r, n)
     sims, m = rd.prototype_cosines(pair, desc, mask, mode)
-    sweep = rd.temperature_sweep(sims, m, labels, (0.05, 0.1, 0.5))
+    bias = rng.normal(size=r) if with_bias else None  # model.relation_bias, added to the scores
+    sweep = rd.temperature_sweep(sims, m, labels, (0.05, 0.1, 0.5), bias)
     for t in (0.05, 0.1, 0.5):
         logits = np.asarray(relation_scores(jnp.asarray(pair), jnp.asarray(desc),
                                             jnp.asarray(mask), mode, t), np.float64)
+        logits = logits + (bias if with_bias else 0.0)
         assert sweep["cross_entropy"][f"{t:g}"] == pytest.approx(
             rd.cross_entropy(logits, labels), abs=1e-4)
     ce = sweep["cross_entropy"]
