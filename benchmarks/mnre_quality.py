@@ -145,6 +145,11 @@ def entry_budget(entry: dict[str, Any]) -> str:
     return budget_id(entry["epochs"], entry.get("sets", {}))
 
 
+def entry_key(entry: dict[str, Any]) -> tuple[str, int, str]:
+    """(setting, seed, budget): what makes an entry unique in a results file."""
+    return entry["setting"], entry["seed"], entry_budget(entry)
+
+
 def run_dirname(setting: str, seed: int, epochs: int, sets: dict[str, Any]) -> str:
     """``'roc_s0_e1_lr_encoder5e-5'``: one folder per run, directly under the workroot (a value's
     path separators, as in a local encoder folder, become '-')."""
@@ -318,18 +323,16 @@ def main() -> None:
     sets = parse_sets(args.set)
     budget = budget_id(args.epochs, sets)
 
-    def key_of(e):
-        return e["setting"], e["seed"], entry_budget(e)
-
-    todo = []
+    todo, done = [], {entry_key(e) for e in entries}
     for setting, seed in parse_runs(args.runs):
-        if any(key_of(e) == (setting, seed, budget) for e in entries) and not args.force:
+        if (setting, seed, budget) in done and not args.force:
             print(f"[{setting} seed {seed}] already in {args.results.name}: skipped", flush=True)
         else:
             todo.append((setting, seed))
     if todo and args.jobs > 1:
         # The runs would otherwise all build the shared TFDS folder at once.
         prebuild_tfds(args, sets)
+    failed = 0
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, setting, seed, args.epochs, sets, args, files):
                    (setting, seed) for setting, seed in todo}
@@ -340,17 +343,16 @@ def main() -> None:
             except (subprocess.CalledProcessError, RuntimeError) as e:
                 # The other runs go on; this one's train.log says why.
                 print(f"[{setting} seed {seed}] FAILED ({e}); see its train.log", flush=True)
+                failed += 1
                 continue
             entry["machine"] = machine()
             entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             key = (setting, seed, budget)
-            entries = [e for e in entries if key_of(e) != key] + [entry]
+            entries = [e for e in entries if entry_key(e) != key] + [entry]
             print(f"[{setting} seed {seed}] val F1 {entry['val']['f1']:.2f} "
                   f"(P {entry['val']['precision']:.2f} R {entry['val']['recall']:.2f}) in "
                   f"{entry['train_time_s'] / 60:.1f} min", flush=True)
             write_results(entries, args.results)
-    failed = len(todo) - sum(1 for s, seed in todo
-                             if any(key_of(e) == (s, seed, budget) for e in entries))
     if failed:
         raise SystemExit(f"{failed} of {len(todo)} runs failed")
 
@@ -378,9 +380,8 @@ def merge_results(other: Path, path: Path = RESULTS) -> list[dict[str, Any]]:
     """Adds the entries of ``other`` (same setting, seed and budget not yet in ``path``) to
     ``path``; an entry already there is kept, not overwritten. Returns the added entries."""
     entries = json.loads(path.read_text())["runs"] if path.exists() else []
-    have = {(e["setting"], e["seed"], entry_budget(e)) for e in entries}
-    added = [e for e in json.loads(other.read_text())["runs"]
-             if (e["setting"], e["seed"], entry_budget(e)) not in have]
+    have = {entry_key(e) for e in entries}
+    added = [e for e in json.loads(other.read_text())["runs"] if entry_key(e) not in have]
     print(f"{other}: {len(added)} entries added to {path}", flush=True)
     write_results(entries + added, path)
     return added
