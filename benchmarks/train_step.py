@@ -17,10 +17,12 @@ machine's description and a ``summary``):
   both frameworks), every row with an image (``has_image`` True, so the vision tower always runs).
 - ``variants``: the text step with one change at a time, prototyped inside this process (library
   files untouched) to show where the time goes: forward only, no dropout, no attention-probability
-  dropout, dropout masks from the ``rbg`` PRNG, dropout masks from 16-bit integers.
-- ``profile``: a ``jax.profiler`` trace of the text step, the XLA ops' durations summed by kind
-  (matmul, dropout random bits, ...) and phase (forward / backward / optimizer) through the
-  compiled HLO's ``op_name`` metadata; the table goes to ``benchmarks/profiles/text_train_step.txt``.
+  dropout, dropout masks from the ``rbg`` PRNG, and the library before its dropout and GELU changes
+  (``nnx_dropout``, ``erfc_gelu``, ``before``).
+- ``profile``: a ``jax.profiler`` trace of the text step and of the multimodal one, the XLA ops'
+  durations summed by kind (matmul, dropout random bits, ...) and phase (forward / backward /
+  optimizer) through the compiled HLO's ``op_name`` metadata, and the top ops; the tables go to
+  ``benchmarks/profiles/text_train_step.txt`` and ``multimodal_train_step.txt``.
 - ``compile``: one epoch of real MNRE train batches (``roc_jax.data.pipeline`` on
   ``$ROC_MNRE_DIR`` train, text only, config ``configs/mnre.py:offline`` buckets) and the val eval
   batches. Method: every batch of the epoch is drawn from the pipeline and its shape signature
@@ -360,32 +362,6 @@ def compare(name: str, model: Any, tcfg: Any, vcfg: Any, shared: Shared, batch: 
 # variants: where the time of the JAX step goes (prototypes; no library file is changed)
 
 
-def bits16_dropout_call(self: Any, inputs: Any, *, deterministic: bool | None = None,
-                        rngs: Any = None) -> Any:
-    """``nnx.Dropout.__call__`` with the keep mask from 16 random bits per element.
-
-    ``random.bernoulli`` draws a 32-bit word per element and turns it into a float32 uniform;
-    comparing 16-bit integers with ``round(keep * 2^16)`` needs half the random bits and no float
-    conversion (keep probability exact to 2^-17). The prototype of the proposed change.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    det = self.deterministic if deterministic is None else deterministic
-    if self.rate == 0.0 or det:
-        return inputs
-    if self.rate == 1.0:
-        return jnp.zeros_like(inputs)
-    rngs = rngs if rngs is not None else self.rngs
-    key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
-        rngs() if isinstance(rngs, nnx.RngStream) else rngs)
-    keep = 1.0 - self.rate
-    threshold = jnp.uint16(min(round(keep * 65536), 65535))
-    mask = jax.random.bits(key, inputs.shape, jnp.uint16) < threshold
-    return jax.lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
-
-
 @contextlib.contextmanager
 def patched(obj: Any, name: str, value: Any):
     old = getattr(obj, name)
@@ -412,23 +388,27 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
              peak: float | None) -> dict[str, Any]:
     """The text step as in ``compare`` and with one change each, timed in alternating blocks.
 
-    Each variant's model is built and its step traced (first call) inside the change's context;
-    the compiled step keeps the change afterwards (none of these settings is part of the jit
-    cache key, and the shapes do not change). The library files are not modified.
+    Each variant's model is built and its step traced (first call) inside the change's context,
+    after clearing ``train_lib._compiled_steps`` (an lru cache keyed by the graphdef: a change
+    that patches a method leaves the graphdef as it was, so without the clear the variant would
+    reuse the baseline's executable). The compiled step keeps the change afterwards. The library
+    files are not modified.
 
     - ``forward_only``: the eval step (no backward, no optimizer, no dropout).
     - ``no_dropout``: the train step built from the eval graphdef: what dropout costs in all.
     - ``no_attention_dropout``: dropout on the [B, H, L, L] attention probabilities off (the
       hidden-state dropouts kept): which dropout costs.
     - ``rbg_dropout``: ``jax_default_prng_impl='rbg'``: masks from XLA's RngBitGenerator.
-    - ``bits16_dropout``: ``bits16_dropout_call`` (16-bit integer threshold), threefry.
-    - ``bits16_rbg_dropout``: both.
+    - ``nnx_dropout``: ``flax.nnx.Dropout``'s own ``__call__`` (a float uniform from a 32-bit
+      word per element, a divide by ``keep``) in place of ``layers.Dropout``'s.
+    - ``erfc_gelu``: ``jax.nn.gelu(approximate=False)`` (the erfc form) in place of the erf one.
+    - ``before``: both of the last two: the library before the change of 2026-11-27.
     """
     import jax
     from flax import nnx
 
     from roc_jax import train_lib
-    from roc_jax.models.layers import MultiHeadAttention
+    from roc_jax.models import layers
 
     fns, res = {}, {}
 
@@ -438,6 +418,7 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
         return gdef, gdef, params, rest
 
     def make(label: str, ctx: Any = None, edit: Any = None) -> None:
+        train_lib._compiled_steps.cache_clear()
         with ctx or contextlib.nullcontext():
             model = build_roc(shared, image=False)[0]
             if edit is not None:
@@ -465,15 +446,19 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
 
     def no_attention_dropout(model: Any) -> None:
         for _, module in nnx.iter_graph(model):
-            if isinstance(module, MultiHeadAttention):
+            if isinstance(module, layers.MultiHeadAttention):
                 module.dropout.rate = 0.0
 
-    def bits16() -> Any:
-        return patched(nnx.Dropout, "__call__", bits16_dropout_call)
+    def nnx_dropout() -> Any:
+        return patched(layers.Dropout, "__call__", nnx.Dropout.__call__)
+
+    def erfc_gelu() -> Any:
+        return patched(layers, "ACTIVATIONS", {**layers.ACTIVATIONS, "gelu": lambda x:
+                                               jax.nn.gelu(x, approximate=False)})
 
     @contextlib.contextmanager
-    def bits16_rbg():
-        with prng_impl("rbg"), bits16():
+    def before():
+        with nnx_dropout(), erfc_gelu():
             yield
 
     selected = args.variants.split(",")
@@ -482,8 +467,9 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
         "no_dropout": {"ctx": patched(train_lib, "split_model", split_eval)},
         "no_attention_dropout": {"edit": no_attention_dropout},
         "rbg_dropout": {"ctx": prng_impl("rbg")},
-        "bits16_dropout": {"ctx": bits16()},
-        "bits16_rbg_dropout": {"ctx": bits16_rbg()},
+        "nnx_dropout": {"ctx": nnx_dropout()},
+        "erfc_gelu": {"ctx": erfc_gelu()},
+        "before": {"ctx": before()},
     }
     for label, kw in table.items():
         if label == "baseline" or label in selected:
@@ -509,8 +495,8 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
 
 def op_category(op_name: str) -> tuple[str, str]:
     """(category, phase) of an HLO instruction from its JAX ``op_name`` metadata."""
-    if any(k in op_name for k in ("threefry", "_bernoulli", "_uniform", "random_bits",
-                                  "rng_bit_generator")):
+    if any(k in op_name for k in ("dropout_keep_mask", "threefry", "_bernoulli", "_uniform",
+                                  "random_bits", "rng_bit_generator")):
         cat = "dropout masks (random bits)"
     else:
         last = op_name.rsplit("/", 1)[-1]
@@ -522,8 +508,8 @@ def op_category(op_name: str) -> tuple[str, str]:
     return cat, phase
 
 
-def profile_step(step: Any, jit_fn: Any, args_: tuple, out_txt: Path, steps: int = 2
-                 ) -> dict[str, Any]:
+def profile_step(step: Any, jit_fn: Any, args_: tuple, out_txt: Path, title: str,
+                 steps: int = 2) -> dict[str, Any]:
     """Traces ``steps`` calls of ``step`` with ``jax.profiler``; sums the XLA ops' durations by
     category (dot, random bits, ...) and phase using the compiled HLO's ``op_name`` metadata;
     writes a text summary to ``out_txt``. Op times are summed over the XLA worker threads."""
@@ -567,7 +553,7 @@ def profile_step(step: Any, jit_fn: Any, args_: tuple, out_txt: Path, steps: int
     res = {"wall_s_per_step": wall, "op_s_per_step_summed_over_threads": total / 1e9,
            "by_category": {k: round(v / total, 4) for k, v in by_cat.most_common()},
            "by_phase": {k: round(v / total, 4) for k, v in by_phase.most_common()}}
-    lines = [f"JAX text train step (minilm-l6, batch {BATCH} x {LENGTH}), jax.profiler trace of "
+    lines = [f"{title}, jax.profiler trace of "
              f"{steps} steps; wall {wall:.2f} s/step; XLA op time summed over threads "
              f"{total / 1e9:.2f} s/step", "", "share of op time by category:"]
     lines += [f"  {v / total:6.1%}  {k}" for k, v in by_cat.most_common()]
@@ -583,8 +569,12 @@ def profile_step(step: Any, jit_fn: Any, args_: tuple, out_txt: Path, steps: int
     return res
 
 
-def profile_text(shared: Shared, batch: dict, out_txt: Path) -> dict[str, Any]:
-    model = build_roc(shared, image=False)[0]
+def profile_train(shared: Shared, image_size: int, out_txt: Path) -> dict[str, Any]:
+    """``profile_step`` of the train step: text only (``image_size`` 0) or with images."""
+    model = build_roc(shared, image=bool(image_size))[0]
+    batch = synthetic_batch(BATCH, LENGTH, image_size=image_size)
+    kind = f"multimodal (DINOv2-S/14 at {image_size} px)" if image_size else "text"
+    title = f"JAX {kind} train step (minilm-l6, batch {BATCH} x {LENGTH})"
     js = jax_setup(model, batch, shared.relations_np)
     holder = {"state": js["state"]}
     cells = {type(c.cell_contents).__name__: c.cell_contents
@@ -600,7 +590,7 @@ def profile_text(shared: Shared, batch: dict, out_txt: Path) -> dict[str, Any]:
 
     jax.block_until_ready(jax_ready)
     return profile_step(step, jit_train, (holder["state"], rest, js["batch"], js["rel"]),
-                        out_txt)
+                        out_txt, title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,7 +882,7 @@ def main() -> None:
     ap.add_argument("--mm-repeats", type=int, default=3, help="timed blocks, multimodal")
     ap.add_argument("--variant-repeats", type=int, default=3, help="timed blocks, variants")
     ap.add_argument("--variants", default="no_dropout,no_attention_dropout,rbg_dropout,"
-                    "bits16_dropout", help="which prototyped changes to time next to the baseline")
+                    "nnx_dropout,erfc_gelu,before", help="which prototyped changes to time next to the baseline")
     ap.add_argument("--matmul", type=int, default=2048)
     ap.add_argument("--memory-steps", type=int, default=10)
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -952,8 +942,10 @@ def main() -> None:
         result["variants"] = variants(shared, batch, args, text_flops, peak)
         stamp("variants")
     if "profile" in parts:
-        result["profile"] = profile_text(shared, batch, ROOT / "benchmarks" / "profiles" /
-                                         "text_train_step.txt")
+        profiles = ROOT / "benchmarks" / "profiles"
+        result["profile"] = profile_train(shared, 0, profiles / "text_train_step.txt")
+        result["profile"]["multimodal"] = profile_train(shared, args.image_size,
+                                                        profiles / "multimodal_train_step.txt")
         stamp("profile")
     if "compile" in parts:
         result["compile"] = compile_epoch(shared)

@@ -80,10 +80,15 @@ def test_exact_resume_equals_uninterrupted_run(trained, tmp_path):
 
 
 def test_one_and_eight_devices_give_the_same_step(trained):
-    """Same loss and parameters after one step on a 1-device and an 8-device mesh.
+    """Same loss, gradients and parameters after one step on a 1-device and an 8-device mesh.
 
-    Tolerance: 1e-5 (relative) for the loss and 1e-5 (absolute) for the parameters: the 8-device
-    gradient is a sum of 8 partial sums, a different float order than one device."""
+    The 8-device gradient is a sum of 8 partial sums, a different float order than one device.
+    Gradients are compared through Adam's first moment after the step (``mu = (1 - b1) g``): rtol
+    1e-4, atol 1e-5 of the leaf's largest ``|mu|`` (+ 1e-12). Parameters: 1e-5 absolute, except
+    where ``0 < |g| < 1e-6`` (under 5 % of them): Adam's first step moves a parameter by
+    ``lr g / (|g| + eps)``, which for a gradient within a few hundred ``eps`` of zero turns a
+    float-order difference of ``g`` into an O(lr) difference of the step (those elements are
+    compared with ``atol = peak lr``)."""
     from roc_jax.data import pipeline
     from roc_jax.models.roc import create_model
 
@@ -104,13 +109,31 @@ def test_one_and_eight_devices_give_the_same_step(trained):
         with jax.set_mesh(mesh):
             state, out = trainer.train_step(state, parallel.shard_batch(batch, mesh),
                                             parallel.replicate(rel, mesh))
-        results.append(jax.device_get((state["params"], out)))
-    (p1, o1), (p8, o8) = results
+        results.append(jax.device_get((state["params"], out, state["opt_state"])))
+    (p1, o1, s1), (p8, o8, s8) = results
     assert len(jax.devices()) == 8
     np.testing.assert_allclose(o1["loss"], o8["loss"], rtol=1e-5)
     np.testing.assert_allclose(o1["grad_norm"], o8["grad_norm"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    grad_of = {}  # parameter path -> the 1-device gradient, from mu
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(s1), jax.tree.leaves(s8),
+                            strict=True):
+        name = jax.tree_util.keystr(path)
+        if ".mu" in name:
+            # float-order error scales with the summed terms, so atol with the leaf's largest;
+            # 1e-12 for leaves whose gradient is zero up to rounding (a key bias under softmax)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max() + 1e-12,
+                                       err_msg=name)
+            grad_of[name.split(".mu", 1)[1]] = np.asarray(a) / (1 - 0.9)
+    peak_lr = max(config.train.lr_encoder, config.train.lr_head)
+    checked = 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p8),
+                            strict=True):
+        g = grad_of[jax.tree_util.keystr(path)]
+        well = (g == 0) | (np.abs(g) >= 1e-6)  # zero: unused embedding rows, decay only
+        np.testing.assert_allclose(a[well], b[well], atol=1e-5)
+        np.testing.assert_allclose(a[~well], b[~well], atol=peak_lr)
+        checked += int(well.sum())
+    assert checked > 0.95 * sum(x.size for x in jax.tree.leaves(p1))
 
 
 def test_ctrl_c_saves_the_current_step(trained, tmp_path, monkeypatch):

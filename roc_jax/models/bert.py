@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from roc_jax.models.dropout import Dropout
 from roc_jax.models.layers import MultiHeadAttention, activation, dense, layer_norm
 
 Array = jax.Array
@@ -84,7 +85,7 @@ class BertEmbeddings(nnx.Module):
         self.layer_norm = layer_norm(
             config.hidden_size, config.layer_norm_eps, dtype=dtype, rngs=rngs
         )
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
         self.max_len = config.max_position_embeddings
         self.dtype = dtype
 
@@ -134,7 +135,7 @@ class BertLayer(nnx.Module):
         self.intermediate = dense(d, config.intermediate_size, dtype=dtype, rngs=rngs)
         self.output = dense(config.intermediate_size, d, dtype=dtype, rngs=rngs)
         self.output_norm = layer_norm(d, eps, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
         self.act = activation(config.hidden_act)
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:

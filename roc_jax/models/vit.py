@@ -21,7 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from roc_jax.models.layers import MultiHeadAttention, activation, dense, layer_norm, resize_grid
+from roc_jax.models.dropout import Dropout
+from roc_jax.models.layers import (
+    MultiHeadAttention,
+    activation,
+    dense,
+    gradient_barrier,
+    layer_norm,
+    resize_grid,
+)
 
 Array = jax.Array
 
@@ -127,7 +135,7 @@ class ViTLayer(nnx.Module):
         self.norm2 = layer_norm(d, eps, dtype=dtype, rngs=rngs)
         self.fc1 = dense(d, config.intermediate_size, dtype=dtype, rngs=rngs)
         self.fc2 = dense(config.intermediate_size, d, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
         self.act = activation(config.hidden_act)
         if config.variant == "dinov2":
             init = jnp.full((d,), config.layerscale_value, jnp.float32)
@@ -190,7 +198,7 @@ class ViT(nnx.Module):
             if config.add_pooler and config.variant == "vit"
             else None
         )
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
 
     def position_embeddings(self, grid_hw: tuple[int, int]) -> Array:
         """``[1 + gh * gw, D]`` float32: the class position plus the (resized) patch grid."""
@@ -216,7 +224,7 @@ class ViT(nnx.Module):
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         for layer in self.layers:
-            x = layer(x)
+            x = gradient_barrier(layer(x))  # see gradient_barrier: a pre-LN residual stream
         if self.config.variant == "clip":
             return x  # HF CLIP's last_hidden_state is not post-normed (see module docstring)
         return self.final_norm(x)
