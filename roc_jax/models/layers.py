@@ -84,11 +84,13 @@ def gradient_barrier(x: Array) -> Array:
 
     Why: in a pre-LN encoder (the ViTs) the residual stream's gradient is an element-wise sum over
     all the layers above, and XLA:CPU fuses that sum into each consumer instead of writing it
-    once, recomputing it per consumer: the multimodal train step spent 2.0 of its 6.9 s in 24
-    such fusions, growing from 12 to 198 ms with depth. An optimization barrier does not survive
-    XLA:CPU's pipeline, so the gradient passes through a conditional, whose operand is a buffer.
-    Its predicate is "the gradient's first element is finite"; when it is not, the whole gradient
-    becomes NaN (the step is non-finite either way, and the trainer stops on it).
+    once, recomputing it per consumer: about 2 of the multimodal train step's 6.8 s went to 24
+    such fusions, growing with depth (``benchmarks/profiles/multimodal_train_step-before.txt``).
+    An optimization barrier does not survive XLA:CPU's pipeline, so the gradient passes through a
+    conditional, whose operand is a buffer. Its predicate is "the gradient's first element is
+    finite"; when it is not, the whole gradient becomes NaN (the step is non-finite either way,
+    and the trainer stops on it). CPU only: on a GPU a conditional costs a device-to-host copy of
+    its predicate, so there (and on TPUs) this is the identity in both passes.
     """
     return x
 
@@ -98,6 +100,8 @@ def _barrier_fwd(x: Array) -> tuple[Array, None]:
 
 
 def _barrier_bwd(_: None, g: Array) -> tuple[Array]:
+    if jax.default_backend() != "cpu":  # static, at trace time
+        return (g,)
     finite = jnp.isfinite(g.reshape(-1)[0])
     return (jax.lax.cond(finite, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), g),)
 
