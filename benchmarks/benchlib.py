@@ -54,21 +54,31 @@ def machine() -> dict[str, Any]:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: int,
-                     sync: Callable[[Any], Any] = lambda x: x) -> dict[str, list[float]]:
+                     sync: Callable[[Any], Any] = lambda x: x,
+                     usage: dict[str, dict[str, list[float]]] | None = None
+                     ) -> dict[str, list[float]]:
     """Seconds per call, one entry per block of ``iters`` calls, for each of ``repeats`` rounds.
 
     The functions' blocks alternate within each round so that every side sees the same load over
     time. ``sync`` is applied to a block's last result (e.g. ``jax.block_until_ready``) so that
-    asynchronous dispatch does not end a block early.
+    asynchronous dispatch does not end a block early. If ``usage`` is a dict, it receives per
+    name and block the process's minor page faults and kernel (system) seconds per call.
     """
     out: dict[str, list[float]] = {name: [] for name in fns}
+    if usage is not None:
+        usage.update({name: {"minor_faults": [], "sys_s": []} for name in fns})
     for _ in range(repeats):
         for name, fn in fns.items():
+            ru = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             for _ in range(iters):
                 result = fn()
             sync(result)
             out[name].append((time.perf_counter() - start) / iters)
+            if usage is not None:
+                ru2 = resource.getrusage(resource.RUSAGE_SELF)
+                usage[name]["minor_faults"].append((ru2.ru_minflt - ru.ru_minflt) / iters)
+                usage[name]["sys_s"].append(round((ru2.ru_stime - ru.ru_stime) / iters, 4))
     return out
 
 

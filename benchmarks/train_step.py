@@ -37,7 +37,9 @@ machine's description and a ``summary``):
   predict batch (8); and retrieval alone (``cache.top_k_relations`` on given pair vectors).
 - ``memory``: peak resident memory (``VmHWM``, see ``benchlib.peak_rss_gb``) of a subprocess that runs
   ``train_lib.train_and_evaluate`` (``mnre.py:offline``, text only, minilm-l6) for ``--memory-steps``
-  steps: data, description cache, compiled step, optimizer state and one checkpoint.
+  steps (200): data, description cache, compiled step, optimizer state and one checkpoint; once
+  with glibc's default malloc and once with ``ROC_MALLOC_TUNING=1``, with the examples/s the
+  training loop logged on real batches.
 
 FLOPs per example (analytic, matmuls only, a multiply-add = 2 FLOPs, training = 3 x forward):
   transformer layer of width d, MLP width f, over n tokens:   2n(4d^2 + 2df) + 4n^2 d
@@ -48,6 +50,11 @@ FLOPs per example (analytic, matmuls only, a multiply-add = 2 FLOPs, training = 
 MFU = FLOPs per example x examples/s / measured matmul FLOP/s; in ``text`` and ``multimodal`` the
 matmul probe runs in the same alternating rounds as the two steps (``matmul_interleaved``), so both
 sides of the fraction see the same load; ``matmul`` is the separate probe at the start.
+
+- ``malloc``: the ``text`` comparison in four fresh processes, glibc's default malloc and
+  roc_jax's opt-in tuning (``ROC_MALLOC_TUNING=1``, ``roc_jax.host_memory``) alternating, with
+  the minor page faults and kernel seconds per step of each side (``text`` records them too, for
+  whatever setting the run itself has: ``host_memory`` in the results file).
 
 ``--parts flags`` (not in the default set; minutes): the JAX text step in a fresh process per
 ``XLA_FLAGS`` setting of ``FLAG_SETS``. ``--keep`` keeps the sections of an earlier results file
@@ -82,8 +89,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 
+# Before JAX or torch start their threads: with ROC_MALLOC_TUNING=1, roc_jax tunes glibc malloc
+# on import (host_memory); its status goes into the results.
+from roc_jax import host_memory  # noqa: E402
+
 PARTS = ("matmul", "text", "multimodal", "variants", "profile", "compile", "retrieval",
-         "memory")
+         "memory", "malloc")
 EXTRA_PARTS = ("flags",)  # run on request (--parts flags): several minutes of fresh processes
 BATCH, LENGTH, FUSION, PROJ = 32, 64, 2, 256
 TRAIN_CFG = types.SimpleNamespace(lr_encoder=1e-5, lr_head=1e-3, warmup_ratio=0.1,
@@ -333,9 +344,10 @@ def compare(name: str, model: Any, tcfg: Any, vcfg: Any, shared: Shared, batch: 
         mm = jax.jit(jnp.dot)
         jax.block_until_ready(mm(a, a))
         fns["matmul"] = lambda: mm(a, a)
+    usage: dict[str, dict[str, list[float]]] = {}
     blocks = benchlib.time_interleaved(fns, repeats, iters,
                                        sync=lambda x: jax.block_until_ready(x)
-                                       if isinstance(x, jax.Array) else x)
+                                       if isinstance(x, jax.Array) else x, usage=usage)
     if "matmul" in blocks:
         secs = blocks["matmul"]
         res["matmul_interleaved"] = {"n": args.matmul, "flops_per_s": 2.0 * args.matmul**3 /
@@ -343,6 +355,10 @@ def compare(name: str, model: Any, tcfg: Any, vcfg: Any, shared: Shared, batch: 
         peak = res["matmul_interleaved"]["flops_per_s"]
     res["jax"] = benchlib.rate_summary(blocks["jax"], BATCH)
     res["torch"] = benchlib.rate_summary(blocks["torch"], BATCH)
+    for side in ("jax", "torch"):
+        # Page faults and kernel time per step: the cost of fresh mappings (roc_jax.host_memory).
+        res[side]["minor_faults_per_step"] = statistics.median(usage[side]["minor_faults"])
+        res[side]["sys_s_per_step"] = statistics.median(usage[side]["sys_s"])
     res["torch"]["num_threads"] = torch.get_num_threads()
     res["torch"]["attn_implementation"] = tmodel.text.config._attn_implementation
     res["jax"]["final_loss"] = float(jax_step())
@@ -835,36 +851,111 @@ def flags_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def text_pair_child(args: argparse.Namespace) -> None:
+    """The ``text`` comparison (JAX and PyTorch, alternating blocks) alone: one JSON line."""
+    shared = shared_pieces()
+    model, tcfg, _ = build_roc(shared, image=False)
+    r, k = shared.relations_np["mask"].shape
+    res = compare("text", model, tcfg, None, shared, synthetic_batch(BATCH, LENGTH), args,
+                  flops_per_example(tcfg, LENGTH, BATCH, (r, k)), None)
+    res["host_memory"] = host_memory.status
+    res["load_average"] = os.getloadavg()
+    print(json.dumps(res, default=float), flush=True)
+
+
+def malloc_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """The text comparison in fresh processes with glibc's default malloc (the library's default)
+    and with roc_jax's opt-in tuning (ROC_MALLOC_TUNING=1), alternating off/on twice to bracket
+    load drift. The tuning is process-wide, so in each process both frameworks run under the same
+    allocator."""
+    runs: list[dict[str, Any]] = []
+    for i, tuning in enumerate(["0", "1", "0", "1"]):
+        env = {**os.environ, host_memory.ENV: tuning}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--text-pair-child",
+               "--repeats", str(args.repeats), "--iters", str(args.iters),
+               "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env,
+                              timeout=1200)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"text pair child failed (rc {proc.returncode}): "
+                               f"{proc.stderr[-2000:]}")
+        r = json.loads(lines[-1])
+        run = {"round": i, host_memory.ENV: tuning, "host_memory": r["host_memory"],
+               "ratio_vs_torch": r["ratio_vs_torch"], "mfu": r.get("mfu"),
+               "load_average": r["load_average"]}
+        for side in ("jax", "torch"):
+            run[side] = {k: r[side][k] for k in ("ex_per_s", "minor_faults_per_step",
+                                                 "sys_s_per_step", "s_per_call_blocks")}
+        runs.append(run)
+        print(f"[malloc] {host_memory.ENV}={tuning}: jax {run['jax']['ex_per_s']:.2f} ex/s "
+              f"({run['jax']['minor_faults_per_step']:.0f} faults/step), torch "
+              f"{run['torch']['ex_per_s']:.2f} ({run['torch']['minor_faults_per_step']:.0f}), "
+              f"ratio {run['ratio_vs_torch']:.2f}", flush=True)
+    res: dict[str, Any] = {"runs": runs}
+    for tuning, label in (("0", "glibc_default"), ("1", "tuned")):
+        sel = [r for r in runs if r[host_memory.ENV] == tuning]
+        res[label] = {
+            "jax_ex_per_s": statistics.mean(r["jax"]["ex_per_s"] for r in sel),
+            "torch_ex_per_s": statistics.mean(r["torch"]["ex_per_s"] for r in sel),
+            "ratio_vs_torch": statistics.mean(r["ratio_vs_torch"] for r in sel),
+            "jax_minor_faults_per_step": statistics.mean(r["jax"]["minor_faults_per_step"]
+                                                         for r in sel),
+            "torch_minor_faults_per_step": statistics.mean(r["torch"]["minor_faults_per_step"]
+                                                           for r in sel)}
+    return res
+
+
 def memory_child(steps: int) -> None:
-    """Runs ``train_and_evaluate`` for ``steps`` steps; prints one JSON line with ru_maxrss."""
+    """Runs ``train_and_evaluate`` for ``steps`` steps; prints one JSON line with the peak RSS and
+    the examples/s the training loop logged (every 10 steps)."""
     from roc_jax import train_lib
 
     config = mnre_config(use_images=False)
     config.train.max_steps = steps
     config.train.progress_bar = False
-    config.train.log_every = max(1, steps)
+    config.train.log_every = 10
     config.train.checkpoint_every = 10**9
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         out = train_lib.train_and_evaluate(config, workdir)
+        rates = [json.loads(line)["train/examples_per_sec"]
+                 for f in sorted(Path(workdir).rglob("*.jsonl")) for line in f.open()
+                 if "train/examples_per_sec" in line]
     print(json.dumps({"peak_rss_gb": benchlib.peak_rss_gb(), "ru_maxrss_gb":
                       benchlib.ru_maxrss_gb(), "steps": out["step"],
-                      "wall_s": time.perf_counter() - t0}), flush=True)
+                      "wall_s": time.perf_counter() - t0, "host_memory": host_memory.status,
+                      "examples_per_s_every_10_steps": [round(r, 2) for r in rates]}),
+          flush=True)
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child",
-           "--memory-steps", str(args.memory_steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=900,
-                          env={**os.environ, "ROC_MNRE_DIR": str(mnre_dir())})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-    res = json.loads(lines[-1])
+    """Peak RSS of a ``--memory-steps`` training run, with glibc's default malloc (the headline)
+    and with the opt-in ``ROC_MALLOC_TUNING=1`` (what the tuning costs in memory, and gains in
+    examples/s on real batches: the median of the logged rates after the first window, which
+    holds the first compilation)."""
+    res: dict[str, Any] = {}
+    for label, tuning in (("default", "0"), ("malloc_tuned", "1")):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child",
+               "--memory-steps", str(args.memory_steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=1800,
+                              env={**os.environ, "ROC_MNRE_DIR": str(mnre_dir()),
+                                   host_memory.ENV: tuning})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+        r = json.loads(lines[-1])
+        rates = r["examples_per_s_every_10_steps"][1:]
+        r["median_examples_per_s_after_first_window"] = statistics.median(rates) if rates else None
+        res[label] = r
+        print(f"[memory] {label}: peak RSS {r['peak_rss_gb']:.2f} GB over {r['steps']} steps, "
+              f"{r['median_examples_per_s_after_first_window']} ex/s", flush=True)
+    res["peak_rss_gb"] = res["default"]["peak_rss_gb"]
+    res["steps"] = res["default"]["steps"]
     res["what"] = ("train_lib.train_and_evaluate, configs/mnre.py:offline, text only (minilm-l6),"
                    " raw MNRE train/val, batch 32, then one checkpoint; peak RSS (VmHWM) of that "
-                   "process (ru_maxrss_gb: Linux carries the parent's peak into it over fork+exec)")
-    print(f"[memory] peak RSS {res['peak_rss_gb']:.2f} GB over {res['steps']} steps", flush=True)
+                   "process (ru_maxrss_gb: Linux carries the parent's peak into it over fork+exec);"
+                   " once with glibc's default malloc and once with ROC_MALLOC_TUNING=1")
     return res
 
 
@@ -884,9 +975,10 @@ def main() -> None:
     ap.add_argument("--variants", default="no_dropout,no_attention_dropout,rbg_dropout,"
                     "nnx_dropout,erfc_gelu,before", help="which prototyped changes to time next to the baseline")
     ap.add_argument("--matmul", type=int, default=2048)
-    ap.add_argument("--memory-steps", type=int, default=10)
+    ap.add_argument("--memory-steps", type=int, default=200)
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--jax-text-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--text-pair-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true",
                     help="keep the sections of an existing --out file that this run does not "
                          "measure (each section says when and under which load it was measured)")
@@ -897,6 +989,12 @@ def main() -> None:
         return
     if args.jax_text_child:
         jax_text_child(args)
+        return
+    if args.text_pair_child:
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
+        text_pair_child(args)
         return
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS) - set(EXTRA_PARTS))
@@ -910,7 +1008,8 @@ def main() -> None:
     started = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "train_step (CPU)", "setting": vars(args),
                               "machine": benchlib.machine(), "jax_devices":
-                              [str(d) for d in jax.devices()]}
+                              [str(d) for d in jax.devices()],
+                              "host_memory": host_memory.status}
     peak = None
     if "matmul" in parts:
         result["matmul"] = benchlib.matmul_flops(args.matmul)
@@ -959,6 +1058,9 @@ def main() -> None:
     if "flags" in parts:
         result["flags"] = flags_sweep(args)
         stamp("flags")
+    if "malloc" in parts:
+        result["malloc"] = malloc_ab(args)
+        stamp("malloc")
     out = Path(args.out)
     if args.keep and out.exists():
         old = json.loads(out.read_text())
@@ -1006,6 +1108,11 @@ def make_summary(result: dict[str, Any]) -> dict[str, Any]:
             result["retrieval"]["scoring_only"]["ratio"])
     if "memory" in result:
         summary["peak_rss_gb"] = result["memory"]["peak_rss_gb"]
+        if "malloc_tuned" in result["memory"]:
+            summary["peak_rss_gb_malloc_tuned"] = result["memory"]["malloc_tuned"]["peak_rss_gb"]
+    if "malloc" in result:
+        summary["malloc_ratio_vs_torch"] = {k: result["malloc"][k]["ratio_vs_torch"]
+                                            for k in ("glibc_default", "tuned")}
     if "variants" in result:
         summary["variants_ex_per_s"] = {k: v["ex_per_s"] for k, v in result["variants"].items()
                                         if isinstance(v, dict) and "ex_per_s" in v}

@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from roc_jax import host_memory, parallel
 from roc_jax import metrics as metrics_lib
-from roc_jax import parallel
 from roc_jax.models.roc import ROC, is_pretrained_path
 
 log = logging.getLogger("roc_jax")
@@ -519,6 +519,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.make_mesh()
     _check_batch_sizes(config, mesh)
+    log.info("host malloc tuning (roc_jax.host_memory): %s", host_memory.status)
     label_names = label_names_of(config)
     sources = load_sources(config, [config.data.train_split, config.data.eval_split])
     steps_per_epoch = _steps_per_epoch(len(sources[config.data.train_split]),

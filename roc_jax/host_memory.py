@@ -1,0 +1,77 @@
+"""Host memory: optionally keep freed blocks in the process, so XLA:CPU's per-step buffers cost no
+page faults. Off unless ``ROC_MALLOC_TUNING=1``.
+
+Why: XLA:CPU allocates the temporary buffers of each execution of a compiled step in one block
+(880 MB for the MiniLM text train step at batch 32 x 64) and frees it when the step ends. glibc
+serves a block above its mmap threshold (32 MiB at most) with a fresh ``mmap`` and returns it with
+``munmap`` on free, so every step touches about 220,000 new 4 KiB pages: 0.4 to 0.7 s of kernel
+time in a 1.9 s step on the 2-core benchmark host (``benchmarks/train_step.py``, ``malloc`` part).
+
+:func:`keep_freed_memory` asks glibc (``mallopt``) to serve every thread from the main heap
+(``M_ARENA_MAX`` 1: a thread arena's heap is at most 64 MiB, so it would ``mmap`` such a block
+anyway), never to ``mmap`` (``M_MMAP_MAX`` 0) and to give memory back to the system only when
+2 GiB at the top of the heap are free (``M_TRIM_THRESHOLD``). The next step then reuses the
+pages of the last one.
+
+The price is memory: freed blocks stay resident, and blocks of different sizes (the length
+buckets' steps, compilation, evaluation) fragment the heap. In a 200-step MNRE text run the peak
+resident size went from 2.8 to 4.3 GB for about 18 % more examples/s (README, Performance). That
+is why it is opt-in: ``ROC_MALLOC_TUNING=1`` in the environment of the process.
+
+A thread keeps the arena it first allocated from, so this works only before JAX starts its
+threads: ``import roc_jax`` calls it, and it must come before the first JAX computation.
+Elsewhere than glibc (macOS, musl) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import sys
+
+# mallopt parameters, from glibc's malloc.h.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: 2 GiB is the largest it accepts
+
+ENV = "ROC_MALLOC_TUNING"
+
+# What the last call did: "applied", "off (ROC_MALLOC_TUNING is not 1)", "not glibc", ... (the
+# benchmarks and the training log record it next to their figures).
+status = "not called"
+
+
+def jax_backend_started() -> bool:
+    """Whether a JAX backend (and so its thread pool) already exists in this process."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except ImportError:  # a JAX without that private module: assume the worst
+        return True
+
+
+def keep_freed_memory() -> str:
+    """If ``ROC_MALLOC_TUNING=1``, tunes glibc malloc as the module docstring says; returns (and
+    stores in ``status``) what it did.
+
+    Idempotent. Call it before the first JAX computation (``import roc_jax`` does).
+    """
+    global status
+    if os.environ.get(ENV, "0") != "1":
+        status = f"off ({ENV} is not 1)"
+    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        status = "not glibc: unchanged"
+    else:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = all(libc.mallopt(param, value) == 1 for param, value in (
+            (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+        status = "applied" if ok else "mallopt refused a setting"
+        if ok and jax_backend_started():
+            status = "applied after the JAX backend started: its threads keep their arenas"
+    return status
