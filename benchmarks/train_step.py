@@ -37,9 +37,9 @@ machine's description and a ``summary``):
   predict batch (8); and retrieval alone (``cache.top_k_relations`` on given pair vectors).
 - ``memory``: peak resident memory (``VmHWM``, see ``benchlib.peak_rss_gb``) of a subprocess that runs
   ``train_lib.train_and_evaluate`` (``mnre.py:offline``, text only, minilm-l6) for ``--memory-steps``
-  steps (200): data, description cache, compiled step, optimizer state and one checkpoint; once
-  with glibc's default malloc and once with ``ROC_MALLOC_TUNING=1``, with the examples/s the
-  training loop logged on real batches.
+  steps (200): data, description cache, compiled step, optimizer state and one checkpoint; under
+  each host-memory setting of ``MALLOC_SETTINGS``, with the examples/s the training loop logged
+  on real batches.
 
 FLOPs per example (analytic, matmuls only, a multiply-add = 2 FLOPs, training = 3 x forward):
   transformer layer of width d, MLP width f, over n tokens:   2n(4d^2 + 2df) + 4n^2 d
@@ -51,10 +51,12 @@ MFU = FLOPs per example x examples/s / measured matmul FLOP/s; in ``text`` and `
 matmul probe runs in the same alternating rounds as the two steps (``matmul_interleaved``), so both
 sides of the fraction see the same load; ``matmul`` is the separate probe at the start.
 
-- ``malloc``: the ``text`` comparison in four fresh processes, glibc's default malloc and
-  roc_jax's opt-in tuning (``ROC_MALLOC_TUNING=1``, ``roc_jax.host_memory``) alternating, with
-  the minor page faults and kernel seconds per step of each side (``text`` records them too, for
-  whatever setting the run itself has: ``host_memory`` in the results file).
+- ``malloc``: the ``text`` comparison in six fresh processes, the three host-memory settings of
+  ``MALLOC_SETTINGS`` alternating (glibc's defaults; 2 MiB pages for glibc's mapped blocks, which
+  the entry points and this script restart themselves with; the opt-in retained heap,
+  ``ROC_MALLOC_TUNING=1``; see ``roc_jax.host_memory``), with the minor page faults and kernel
+  seconds per step of each side (``text`` records them too, under the run's own setting:
+  ``glibc_tunables`` and ``host_memory`` in the results file).
 
 ``--parts flags`` (not in the default set; minutes): the JAX text step in a fresh process per
 ``XLA_FLAGS`` setting of ``FLAG_SETS``. ``--keep`` keeps the sections of an earlier results file
@@ -99,6 +101,15 @@ EXTRA_PARTS = ("flags",)  # run on request (--parts flags): several minutes of f
 BATCH, LENGTH, FUSION, PROJ = 32, 64, 2, 256
 TRAIN_CFG = types.SimpleNamespace(lr_encoder=1e-5, lr_head=1e-3, warmup_ratio=0.1,
                                   weight_decay=0.01, grad_clip=1.0)
+# Host-memory settings that the malloc and memory parts compare, each in fresh processes:
+# glibc's defaults (the library imported in a notebook), 2 MiB pages for glibc's mapped blocks
+# (what the entry points train.py / roc-train and this script restart themselves with) and the
+# opt-in retained heap (ROC_MALLOC_TUNING=1). See roc_jax/host_memory.py.
+MALLOC_SETTINGS = {
+    "glibc_default": {"GLIBC_TUNABLES": "", host_memory.ENV: "0", host_memory.HUGE_PAGES_ENV: "0"},
+    "huge_pages": {"GLIBC_TUNABLES": host_memory.HUGETLB_TUNABLE, host_memory.ENV: "0"},
+    "malloc_tuned": {"GLIBC_TUNABLES": "", host_memory.ENV: "1", host_memory.HUGE_PAGES_ENV: "0"},
+}
 TARGETS = {"ratio_vs_torch": 1.3, "mfu": 0.5, "cache_vs_reencode_ratio": 5.0, "peak_rss_gb": 4.0}
 
 
@@ -864,13 +875,12 @@ def text_pair_child(args: argparse.Namespace) -> None:
 
 
 def malloc_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """The text comparison in fresh processes with glibc's default malloc (the library's default)
-    and with roc_jax's opt-in tuning (ROC_MALLOC_TUNING=1), alternating off/on twice to bracket
-    load drift. The tuning is process-wide, so in each process both frameworks run under the same
-    allocator."""
+    """The text comparison in fresh processes under each of ``MALLOC_SETTINGS``, the settings
+    alternating, twice, to bracket load drift. The settings are process-wide, so in each process
+    both frameworks run under the same allocator."""
     runs: list[dict[str, Any]] = []
-    for i, tuning in enumerate(["0", "1", "0", "1"]):
-        env = {**os.environ, host_memory.ENV: tuning}
+    for i, label in enumerate(list(MALLOC_SETTINGS) * 2):
+        env = {**os.environ, **MALLOC_SETTINGS[label]}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--text-pair-child",
                "--repeats", str(args.repeats), "--iters", str(args.iters),
                "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
@@ -881,28 +891,30 @@ def malloc_ab(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"text pair child failed (rc {proc.returncode}): "
                                f"{proc.stderr[-2000:]}")
         r = json.loads(lines[-1])
-        run = {"round": i, host_memory.ENV: tuning, "host_memory": r["host_memory"],
-               "ratio_vs_torch": r["ratio_vs_torch"], "mfu": r.get("mfu"),
-               "load_average": r["load_average"]}
+        run = {"round": i, "setting": label, "env": MALLOC_SETTINGS[label],
+               "host_memory": r["host_memory"], "ratio_vs_torch": r["ratio_vs_torch"],
+               "mfu": r.get("mfu"), "load_average": r["load_average"]}
         for side in ("jax", "torch"):
             run[side] = {k: r[side][k] for k in ("ex_per_s", "minor_faults_per_step",
                                                  "sys_s_per_step", "s_per_call_blocks")}
         runs.append(run)
-        print(f"[malloc] {host_memory.ENV}={tuning}: jax {run['jax']['ex_per_s']:.2f} ex/s "
+        print(f"[malloc] {label}: jax {run['jax']['ex_per_s']:.2f} ex/s "
               f"({run['jax']['minor_faults_per_step']:.0f} faults/step), torch "
               f"{run['torch']['ex_per_s']:.2f} ({run['torch']['minor_faults_per_step']:.0f}), "
               f"ratio {run['ratio_vs_torch']:.2f}", flush=True)
     res: dict[str, Any] = {"runs": runs}
-    for tuning, label in (("0", "glibc_default"), ("1", "tuned")):
-        sel = [r for r in runs if r[host_memory.ENV] == tuning]
+    for label in MALLOC_SETTINGS:
+        sel = [r for r in runs if r["setting"] == label]
         res[label] = {
             "jax_ex_per_s": statistics.mean(r["jax"]["ex_per_s"] for r in sel),
             "torch_ex_per_s": statistics.mean(r["torch"]["ex_per_s"] for r in sel),
             "ratio_vs_torch": statistics.mean(r["ratio_vs_torch"] for r in sel),
+            "mfu": statistics.mean(r["mfu"] for r in sel),
             "jax_minor_faults_per_step": statistics.mean(r["jax"]["minor_faults_per_step"]
                                                          for r in sel),
             "torch_minor_faults_per_step": statistics.mean(r["torch"]["minor_faults_per_step"]
-                                                           for r in sel)}
+                                                           for r in sel),
+            "jax_sys_s_per_step": statistics.mean(r["jax"]["sys_s_per_step"] for r in sel)}
     return res
 
 
@@ -930,17 +942,16 @@ def memory_child(steps: int) -> None:
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
-    """Peak RSS of a ``--memory-steps`` training run, with glibc's default malloc (the headline)
-    and with the opt-in ``ROC_MALLOC_TUNING=1`` (what the tuning costs in memory, and gains in
-    examples/s on real batches: the median of the logged rates after the first window, which
-    holds the first compilation)."""
+    """Peak RSS of a ``--memory-steps`` training run under each of ``MALLOC_SETTINGS`` (what each
+    costs in memory, and gains in examples/s on real batches: the median of the logged rates
+    after the first window, which holds the first compilation). The headline is ``huge_pages``,
+    the entry points' setting."""
     res: dict[str, Any] = {}
-    for label, tuning in (("default", "0"), ("malloc_tuned", "1")):
+    for label, setting in MALLOC_SETTINGS.items():
         cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child",
                "--memory-steps", str(args.memory_steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=1800,
-                              env={**os.environ, "ROC_MNRE_DIR": str(mnre_dir()),
-                                   host_memory.ENV: tuning})
+                              env={**os.environ, "ROC_MNRE_DIR": str(mnre_dir()), **setting})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not lines:
             raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
@@ -950,12 +961,13 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
         res[label] = r
         print(f"[memory] {label}: peak RSS {r['peak_rss_gb']:.2f} GB over {r['steps']} steps, "
               f"{r['median_examples_per_s_after_first_window']} ex/s", flush=True)
-    res["peak_rss_gb"] = res["default"]["peak_rss_gb"]
-    res["steps"] = res["default"]["steps"]
+    # The headline: what `python train.py` runs with (it restarts itself with huge pages).
+    res["peak_rss_gb"] = res["huge_pages"]["peak_rss_gb"]
+    res["steps"] = res["huge_pages"]["steps"]
     res["what"] = ("train_lib.train_and_evaluate, configs/mnre.py:offline, text only (minilm-l6),"
                    " raw MNRE train/val, batch 32, then one checkpoint; peak RSS (VmHWM) of that "
                    "process (ru_maxrss_gb: Linux carries the parent's peak into it over fork+exec);"
-                   " once with glibc's default malloc and once with ROC_MALLOC_TUNING=1")
+                   " under each of MALLOC_SETTINGS; the headline peak is huge_pages'")
     return res
 
 
@@ -996,6 +1008,9 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count())
         text_pair_child(args)
         return
+    # Like train.py: glibc's mapped blocks on 2 MiB pages (roc_jax.host_memory), so the headline
+    # figures are what the entry points get; the children of malloc/memory set their own.
+    host_memory.restart_with_huge_pages()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS) - set(EXTRA_PARTS))
     if unknown:
@@ -1009,7 +1024,8 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": "train_step (CPU)", "setting": vars(args),
                               "machine": benchlib.machine(), "jax_devices":
                               [str(d) for d in jax.devices()],
-                              "host_memory": host_memory.status}
+                              "host_memory": host_memory.status,
+                              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
     peak = None
     if "matmul" in parts:
         result["matmul"] = benchlib.matmul_flops(args.matmul)
@@ -1108,11 +1124,12 @@ def make_summary(result: dict[str, Any]) -> dict[str, Any]:
             result["retrieval"]["scoring_only"]["ratio"])
     if "memory" in result:
         summary["peak_rss_gb"] = result["memory"]["peak_rss_gb"]
-        if "malloc_tuned" in result["memory"]:
-            summary["peak_rss_gb_malloc_tuned"] = result["memory"]["malloc_tuned"]["peak_rss_gb"]
+        for label in MALLOC_SETTINGS:
+            if label in result["memory"]:
+                summary[f"peak_rss_gb_{label}"] = result["memory"][label]["peak_rss_gb"]
     if "malloc" in result:
         summary["malloc_ratio_vs_torch"] = {k: result["malloc"][k]["ratio_vs_torch"]
-                                            for k in ("glibc_default", "tuned")}
+                                            for k in MALLOC_SETTINGS if k in result["malloc"]}
     if "variants" in result:
         summary["variants_ex_per_s"] = {k: v["ex_per_s"] for k, v in result["variants"].items()
                                         if isinstance(v, dict) and "ex_per_s" in v}

@@ -75,3 +75,57 @@ def keep_freed_memory() -> str:
         if ok and jax_backend_started():
             status = "applied after the JAX backend started: its threads keep their arenas"
     return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Transparent huge pages for glibc's mapped blocks: the entry points' default.
+
+HUGE_PAGES_ENV = "ROC_HUGE_PAGES"
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_missing() -> str | None:
+    """Why this process should be restarted with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, or
+    None when it should not (already set, opted out, not glibc 2.35+, or THP off in the kernel).
+
+    With that tunable glibc marks the blocks it maps (``madvise(MADV_HUGEPAGE)``), so the kernel
+    backs XLA:CPU's per-step 880 MB temporary with 2 MiB pages: about 730 page faults per step
+    instead of 222,000, and the memory still goes back to the system when the step frees it (no
+    retained heap, unlike ``keep_freed_memory``). glibc reads tunables only when a process
+    starts, hence the restart.
+    """
+    if os.environ.get(HUGE_PAGES_ENV, "1") == "0":
+        return None
+    if HUGETLB_TUNABLE.split("=")[0] in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    libc, version = platform.libc_ver()
+    if platform.system() != "Linux" or libc != "glibc":
+        return None
+    try:
+        if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):  # the tunable's first release
+            return None
+        with open(THP_SETTING) as f:
+            if "[never]" in f.read():
+                return None
+    except (OSError, ValueError):
+        return None
+    return f"glibc {version}, THP available, GLIBC_TUNABLES lacks {HUGETLB_TUNABLE}"
+
+
+def restart_with_huge_pages() -> None:
+    """For the command-line entry points only (``train.py``, ``roc-train``, ...): re-executes this
+    process with ``GLIBC_TUNABLES`` extended by ``glibc.malloc.hugetlb=1`` when
+    :func:`huge_pages_missing` says so; returns otherwise. ``ROC_HUGE_PAGES=0`` opts out.
+
+    Never call it from a library function or a notebook: it replaces the running process.
+    """
+    if huge_pages_missing() is None:
+        return
+    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), HUGETLB_TUNABLE]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # sys.orig_argv is the command line as typed (python [-m mod | script] args), so the restart
+    # runs the same thing, console scripts included.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+              {**os.environ, "GLIBC_TUNABLES": tunables})

@@ -94,3 +94,81 @@ def test_off_by_default_and_other_libcs_leave_malloc_alone(monkeypatch):
     monkeypatch.setenv(host_memory.ENV, "1")
     monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
     assert host_memory.keep_freed_memory() == "not glibc: unchanged"
+
+
+# ---------------------------------------------------------------------------------------------
+# Huge pages for glibc's mapped blocks (the entry points restart themselves with them)
+
+FAULTS_CHILD = """
+import ctypes, json, os, resource
+from roc_jax import host_memory
+host_memory.restart_with_huge_pages()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(64 << 20)  # mapped afresh each time: above the mmap threshold
+    ctypes.memset(p, 1, 64 << 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(p)
+print(json.dumps({"tunables": os.environ.get("GLIBC_TUNABLES"), "faults": faults}))
+"""
+
+
+def run_faults_child(**env: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",
+                                                             host_memory.HUGE_PAGES_ENV)}
+    proc = subprocess.run([sys.executable, "-c", FAULTS_CHILD], capture_output=True, text=True,
+                          cwd=str(ROOT), env={**base, **env}, timeout=120, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def thp_host() -> bool:
+    """glibc 2.35+ (the hugetlb tunable) and a kernel with transparent huge pages on."""
+    version = platform.libc_ver()[1] if GLIBC else "0"
+    try:
+        thp_on = "[never]" not in Path(host_memory.THP_SETTING).read_text()
+    except OSError:
+        thp_on = False
+    return GLIBC and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35) and thp_on
+
+
+@pytest.mark.skipif(not thp_host(), reason="this host has no glibc 2.35+ with transparent huge "
+                                           "pages on")
+def test_restart_maps_large_blocks_with_huge_pages():
+    restarted = run_faults_child()
+    assert restarted["tunables"] == host_memory.HUGETLB_TUNABLE
+    opted_out = run_faults_child(**{host_memory.HUGE_PAGES_ENV: "0"})
+    assert opted_out["tunables"] is None
+    pages = (64 << 20) // 4096
+    # 4 KiB pages: every page faults. 2 MiB pages: 32 faults per block when the kernel finds
+    # free huge pages; the bound leaves room for a fragmented host's fallbacks.
+    assert all(f >= pages // 2 for f in opted_out["faults"]), opted_out
+    assert all(f < pages // 4 for f in restarted["faults"]), restarted
+
+
+def test_huge_pages_missing_says_when_to_restart(monkeypatch, tmp_path):
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    monkeypatch.setattr(host_memory, "THP_SETTING", str(thp))
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(host_memory.HUGE_PAGES_ENV, raising=False)
+    assert host_memory.huge_pages_missing() is not None
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=2")  # the user's own choice wins
+    assert host_memory.huge_pages_missing() is None
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv(host_memory.HUGE_PAGES_ENV, "0")
+    assert host_memory.huge_pages_missing() is None
+    monkeypatch.delenv(host_memory.HUGE_PAGES_ENV)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.31"))  # before the tunable
+    assert host_memory.huge_pages_missing() is None
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    thp.write_text("always madvise [never]\n")
+    assert host_memory.huge_pages_missing() is None
+    monkeypatch.setattr(host_memory, "THP_SETTING", str(tmp_path / "absent"))
+    assert host_memory.huge_pages_missing() is None
