@@ -5,7 +5,7 @@ ranks relations for a sentence (see ``roc_jax.inference``). Both are imported la
 ``import roc_jax`` stays cheap.
 
 With ``ROC_MALLOC_TUNING=1`` in the environment, importing the package tunes glibc malloc so that
-XLA:CPU's per-step buffers are reused instead of mapped afresh each step: faster CPU training for
+XLA:CPU's per-step buffers are reused instead of mapped afresh each step: fewer page faults for
 more resident memory (``roc_jax.host_memory``). It must happen before the first JAX computation,
 which is why it happens here.
 """

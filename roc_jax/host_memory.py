@@ -1,26 +1,26 @@
-"""Host memory: optionally keep freed blocks in the process, so XLA:CPU's per-step buffers cost no
-page faults. Off unless ``ROC_MALLOC_TUNING=1``.
+"""Host memory: XLA:CPU's per-step buffers without a page fault per 4 KiB.
 
 Why: XLA:CPU allocates the temporary buffers of each execution of a compiled step in one block
 (880 MB for the MiniLM text train step at batch 32 x 64) and frees it when the step ends. glibc
 serves a block above its mmap threshold (32 MiB at most) with a fresh ``mmap`` and returns it with
-``munmap`` on free, so every step touches about 220,000 new 4 KiB pages: 0.4 to 0.7 s of kernel
-time in a 1.9 s step on the 2-core benchmark host (``benchmarks/train_step.py``, ``malloc`` part).
+``munmap`` on free, so every step faults in about 223,000 new 4 KiB pages: about 0.5 s of kernel
+time per step on the 2-core benchmark host (``benchmarks/train_step.py``, ``malloc`` part).
 
-:func:`keep_freed_memory` asks glibc (``mallopt``) to serve every thread from the main heap
-(``M_ARENA_MAX`` 1: a thread arena's heap is at most 64 MiB, so it would ``mmap`` such a block
-anyway), never to ``mmap`` (``M_MMAP_MAX`` 0) and to give memory back to the system only when
-2 GiB at the top of the heap are free (``M_TRIM_THRESHOLD``). The next step then reuses the
-pages of the last one.
+Two remedies, measured side by side in that benchmark (README, Performance):
 
-The price is memory: freed blocks stay resident, and blocks of different sizes (the length
-buckets' steps, compilation, evaluation) fragment the heap. In a 200-step MNRE text run the peak
-resident size went from 2.8 to 4.3 GB for about 18 % more examples/s (README, Performance). That
-is why it is opt-in: ``ROC_MALLOC_TUNING=1`` in the environment of the process.
+- :func:`restart_with_huge_pages`, the command-line entry points' default: restart once with
+  ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, so glibc asks for transparent huge pages on the
+  blocks it maps: about 1,000 faults per step, and the memory still goes back to the system
+  when the step frees it (same peak as glibc's defaults). ``ROC_HUGE_PAGES=0`` opts out.
+- :func:`keep_freed_memory`, opt-in (``ROC_MALLOC_TUNING=1``, applied by ``import roc_jax``):
+  ``mallopt`` makes every thread allocate from the main heap (``M_ARENA_MAX`` 1: a thread
+  arena's heap is at most 64 MiB, so it would ``mmap`` such a block anyway), never ``mmap``
+  (``M_MMAP_MAX`` 0) and keep freed memory (``M_TRIM_THRESHOLD`` 2 GiB): no faults at all, and
+  it works without a restart (a notebook), but the retained heap fragments across the length
+  buckets' steps: 4.22 GB peak in 200 steps of real MNRE training against 2.95 GB. A thread
+  keeps the arena it first allocated from, so it works only before JAX starts its threads.
 
-A thread keeps the arena it first allocated from, so this works only before JAX starts its
-threads: ``import roc_jax`` calls it, and it must come before the first JAX computation.
-Elsewhere than glibc (macOS, musl) it does nothing.
+Both do nothing elsewhere than glibc on Linux.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ def huge_pages_missing() -> str | None:
     None when it should not (already set, opted out, not glibc 2.35+, or THP off in the kernel).
 
     With that tunable glibc marks the blocks it maps (``madvise(MADV_HUGEPAGE)``), so the kernel
-    backs XLA:CPU's per-step 880 MB temporary with 2 MiB pages: about 730 page faults per step
-    instead of 222,000, and the memory still goes back to the system when the step frees it (no
+    backs XLA:CPU's per-step 880 MB temporary with 2 MiB pages: about 1,000 page faults per step
+    instead of 223,000, and the memory still goes back to the system when the step frees it (no
     retained heap, unlike ``keep_freed_memory``). glibc reads tunables only when a process
     starts, hence the restart.
     """
@@ -120,7 +120,7 @@ def restart_with_huge_pages() -> None:
 
     Never call it from a library function or a notebook: it replaces the running process.
     """
-    if huge_pages_missing() is None:
+    if huge_pages_missing() is None or not sys.executable:  # no interpreter path: embedded
         return
     tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), HUGETLB_TUNABLE]))
     sys.stdout.flush()

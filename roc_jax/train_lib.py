@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -519,7 +520,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.make_mesh()
     _check_batch_sizes(config, mesh)
-    log.info("host malloc tuning (roc_jax.host_memory): %s", host_memory.status)
+    log.info("host memory (roc_jax.host_memory): GLIBC_TUNABLES=%r, malloc tuning %s",
+             os.environ.get("GLIBC_TUNABLES", ""), host_memory.status)
     label_names = label_names_of(config)
     sources = load_sources(config, [config.data.train_split, config.data.eval_split])
     steps_per_epoch = _steps_per_epoch(len(sources[config.data.train_split]),
