@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -862,6 +863,18 @@ def flags_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def child_json(flag: str, args: list[str], env: dict[str, str], timeout: int) -> dict[str, Any]:
+    """Runs this script with ``flag`` (a ``--*-child`` mode) in a fresh process under ``env``
+    added to this one's environment; returns the JSON line it prints last."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), flag, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=timeout,
+                          env={**os.environ, **env})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{flag} failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
 def text_pair_child(args: argparse.Namespace) -> None:
     """The ``text`` comparison (JAX and PyTorch, alternating blocks) alone: one JSON line."""
     shared = shared_pieces()
@@ -879,18 +892,10 @@ def malloc_ab(args: argparse.Namespace) -> dict[str, Any]:
     alternating, twice, to bracket load drift. The settings are process-wide, so in each process
     both frameworks run under the same allocator."""
     runs: list[dict[str, Any]] = []
+    child_args = ["--repeats", str(args.repeats), "--iters", str(args.iters),
+                  "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
     for i, label in enumerate(list(MALLOC_SETTINGS) * 2):
-        env = {**os.environ, **MALLOC_SETTINGS[label]}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--text-pair-child",
-               "--repeats", str(args.repeats), "--iters", str(args.iters),
-               "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), env=env,
-                              timeout=1200)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"text pair child failed (rc {proc.returncode}): "
-                               f"{proc.stderr[-2000:]}")
-        r = json.loads(lines[-1])
+        r = child_json("--text-pair-child", child_args, MALLOC_SETTINGS[label], timeout=1200)
         run = {"round": i, "setting": label, "env": MALLOC_SETTINGS[label],
                "host_memory": r["host_memory"], "ratio_vs_torch": r["ratio_vs_torch"],
                "mfu": r.get("mfu"), "load_average": r["load_average"]}
@@ -903,18 +908,16 @@ def malloc_ab(args: argparse.Namespace) -> dict[str, Any]:
               f"{run['torch']['ex_per_s']:.2f} ({run['torch']['minor_faults_per_step']:.0f}), "
               f"ratio {run['ratio_vs_torch']:.2f}", flush=True)
     res: dict[str, Any] = {"runs": runs}
+    # Per setting, the mean over its processes of: (key in the result, path in a run).
+    means = {"jax_ex_per_s": ("jax", "ex_per_s"), "torch_ex_per_s": ("torch", "ex_per_s"),
+             "ratio_vs_torch": ("ratio_vs_torch",), "mfu": ("mfu",),
+             "jax_minor_faults_per_step": ("jax", "minor_faults_per_step"),
+             "torch_minor_faults_per_step": ("torch", "minor_faults_per_step"),
+             "jax_sys_s_per_step": ("jax", "sys_s_per_step")}
     for label in MALLOC_SETTINGS:
         sel = [r for r in runs if r["setting"] == label]
-        res[label] = {
-            "jax_ex_per_s": statistics.mean(r["jax"]["ex_per_s"] for r in sel),
-            "torch_ex_per_s": statistics.mean(r["torch"]["ex_per_s"] for r in sel),
-            "ratio_vs_torch": statistics.mean(r["ratio_vs_torch"] for r in sel),
-            "mfu": statistics.mean(r["mfu"] for r in sel),
-            "jax_minor_faults_per_step": statistics.mean(r["jax"]["minor_faults_per_step"]
-                                                         for r in sel),
-            "torch_minor_faults_per_step": statistics.mean(r["torch"]["minor_faults_per_step"]
-                                                           for r in sel),
-            "jax_sys_s_per_step": statistics.mean(r["jax"]["sys_s_per_step"] for r in sel)}
+        res[label] = {key: statistics.mean(functools.reduce(dict.__getitem__, path, r)
+                                           for r in sel) for key, path in means.items()}
     return res
 
 
@@ -948,14 +951,8 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     the entry points' setting."""
     res: dict[str, Any] = {}
     for label, setting in MALLOC_SETTINGS.items():
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child",
-               "--memory-steps", str(args.memory_steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=1800,
-                              env={**os.environ, "ROC_MNRE_DIR": str(mnre_dir()), **setting})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"memory child failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
-        r = json.loads(lines[-1])
+        r = child_json("--memory-child", ["--memory-steps", str(args.memory_steps)],
+                       {"ROC_MNRE_DIR": str(mnre_dir()), **setting}, timeout=1800)
         rates = r["examples_per_s_every_10_steps"][1:]
         r["median_examples_per_s_after_first_window"] = statistics.median(rates) if rates else None
         res[label] = r
