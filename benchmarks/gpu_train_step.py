@@ -10,7 +10,11 @@ FLOPs per example are analytic (matmuls only, a multiply-add = 2 FLOPs, training
   transformer layer of width d, MLP width f, over n tokens:  2n(4d^2 + 2df) + 4n^2 d
   text: 12 layers over L tokens; image: patch embedding 2*N*(3p^2)*dv + 12 layers over T = N+1
   tokens, projection 2*T*dv*d; fusion: 2 layers over L+T tokens; pair head 2*(2d*d + d*P) + 2*R*P;
-  relation projection 2*R*K*Dd*P per step (divided by the batch).
+  relation projection 2*R*K*Dd*P per step (divided by the batch). roc_jax's last fusion layer
+  computes the two marker positions alone (``prune_last_fusion_layer``; keys and values over all
+  L+T tokens: 4nd^2 + 2q(2d^2 + 2df) + 4qnd for q = 2); PyTorch's (``TorchROC``, the field's
+  code) every position. Each side's MFU counts the FLOPs it computes. Results measured before
+  2026-11-27 11:00 UTC ran the JAX model over every position too.
 MFU is that count times examples/s over the card's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s),
 and also over the bf16 matmul throughput this run measures (8192^3 product).
 
@@ -77,11 +81,16 @@ def model_dicts(tiny: bool) -> tuple[dict, dict]:
     return ({**TEXT, **TINY}, {**VISION, **TINY_VISION}) if tiny else (TEXT, VISION)
 
 
-def layer_flops(n: int, d: int, f: int) -> float:
-    return 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
+def layer_flops(n: int, d: int, f: int, queries: int | None = None) -> float:
+    """One layer over n tokens with the outputs of ``queries`` of them (all when None)."""
+    q = n if queries is None else queries
+    return 4 * n * d * d + 2 * q * (2 * d * d + 2 * d * f) + 4 * q * n * d
 
 
-def flops_per_example(seq: int, batch: int, text: dict = TEXT, vision: dict = VISION) -> float:
+def flops_per_example(seq: int, batch: int, text: dict = TEXT, vision: dict = VISION,
+                      pruned: bool = True) -> float:
+    """``pruned``: roc_jax's last fusion layer at the two markers (the batches have no object
+    tails); PyTorch's (``TorchROC``'s default, the field's code) computes every position."""
     d, f = text["hidden_size"], text["intermediate_size"]
     dv, fv, p = vision["hidden_size"], vision["intermediate_size"], vision["patch_size"]
     patches = (vision["image_size"] // p) ** 2
@@ -89,7 +98,8 @@ def flops_per_example(seq: int, batch: int, text: dict = TEXT, vision: dict = VI
     fwd = text["num_hidden_layers"] * layer_flops(seq, d, f)
     fwd += 2 * patches * 3 * p * p * dv + vision["num_hidden_layers"] * layer_flops(t, dv, fv)
     fwd += 2 * t * dv * d
-    fwd += FUSION * layer_flops(seq + t, d, f)
+    fwd += (FUSION - 1) * layer_flops(seq + t, d, f)
+    fwd += layer_flops(seq + t, d, f, 2 if pruned else None)
     fwd += 2 * (2 * d * d + d * PROJ) + 2 * R * PROJ + 2 * R * K * d * PROJ / batch
     return 3 * fwd
 
@@ -437,7 +447,8 @@ def sweep(args, result: dict, peak: float | None, matmul: float, card_slug: str)
         row = {k: res[k] for k in ("ex_per_s", "compile_s", "error", "attention_dropout")
                if k in res}
         if "ex_per_s" in res:
-            flops = flops_per_example(args.seq, batch_size, text, vision)
+            flops = flops_per_example(args.seq, batch_size, text, vision,
+                                      pruned=not key.startswith(f"b{batch_size}_torch"))
             row["mfu_vs_spec_peak"] = flops * res["ex_per_s"] / peak if peak else None
             row["mfu_vs_measured_matmul"] = flops * res["ex_per_s"] / matmul
             if "hlo" in res:
@@ -463,6 +474,7 @@ def _legacy_summary(args, result: dict, peak: float | None, matmul: float) -> No
     einsum variant and PyTorch at that batch size."""
     text, vision = model_dicts(args.tiny)
     flops = flops_per_example(args.seq, args.batch, text, vision)
+    flops_torch = flops_per_example(args.seq, args.batch, text, vision, pruned=False)
     variants, summary = result["variants"], result["summary"]
     jx = variants.get(f"b{args.batch}_jax_einsum_{_short(args.dtype)}", {})
     th = variants.get(f"b{args.batch}_torch_{_short(args.dtype)}", {})
@@ -475,7 +487,8 @@ def _legacy_summary(args, result: dict, peak: float | None, matmul: float) -> No
     if "ex_per_s" in th:
         result["torch"] = th
         summary["torch_ex_per_s"] = th["ex_per_s"]
-        summary["torch_mfu_vs_spec_peak"] = flops * th["ex_per_s"] / peak if peak else None
+        summary["torch_mfu_vs_spec_peak"] = (flops_torch * th["ex_per_s"] / peak if peak
+                                             else None)
         if "ex_per_s" in jx:
             summary["ratio_vs_torch"] = jx["ex_per_s"] / th["ex_per_s"]
 
@@ -517,8 +530,9 @@ def main() -> None:
     card_slug = (card or device_kind).lower().replace(" ", "-")
     peak = PEAK_BF16.get(card) if card else None
     flops = flops_per_example(args.seq, args.batch, text, vision)
+    flops_torch = flops_per_example(args.seq, args.batch, text, vision, pruned=False)
     result = {"benchmark": "gpu_train_step", "setting": vars(args),
-              "flops_per_example": flops, "model": {"text": text, "vision": vision, "relations": R,
+              "flops_per_example": flops, "flops_per_example_torch": flops_torch, "model": {"text": text, "vision": vision, "relations": R,
                                                     "descriptions": K, "fusion_layers": FUSION},
               "host": {"platform": platform.platform(), "python": platform.python_version(),
                        "cpus": os.cpu_count()}}
@@ -554,7 +568,8 @@ def main() -> None:
             print(f"torch : {th['ex_per_s']:.1f} ex/s", flush=True)
             summary["torch_ex_per_s"] = th["ex_per_s"]
             summary["ratio_vs_torch"] = jx["ex_per_s"] / th["ex_per_s"]
-            summary["torch_mfu_vs_spec_peak"] = flops * th["ex_per_s"] / peak if peak else None
+            summary["torch_mfu_vs_spec_peak"] = (flops_torch * th["ex_per_s"] / peak if peak
+                                                 else None)
     print(json.dumps(summary, indent=1), flush=True)
     write_results(result, args.out, card_slug)
     assert math.isfinite(jx["final_loss"]), "non-finite loss in the JAX benchmark"

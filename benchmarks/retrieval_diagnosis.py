@@ -204,7 +204,7 @@ def retrieval_vectors(loaded: Any, splits: Sequence[str], examples: int) -> dict
     @jax.jit
     def encode(params, rest, batch):
         model = nnx.merge(trainer.graphdef_eval, params, rest, copy=True)
-        return model.encode_pair(batch)[0]
+        return model.encode_pair(batch)
 
     out: dict[str, Any] = {}
     for split in splits:

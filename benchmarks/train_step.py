@@ -11,7 +11,12 @@ machine's description and a ``summary``):
   PyTorch (``benchmarks/torch_roc.TorchROC`` over ``transformers.BertModel``, the JAX model's
   weights copied in, AdamW, clipping) runs in alternating blocks (``benchlib.time_interleaved``);
   the figure of each side is its median block; ``ratio_vs_torch`` = JAX / PyTorch examples/s.
-  Before timing, both sides' eval-mode logits on the batch are compared (``parity_max_abs_diff``).
+  Two more steps alternate with them: ``jax_full``, the library with ``prune_last_fusion_layer``
+  off (the last fusion layer over every position, as the PyTorch code of the field computes it),
+  and ``torch_pruned``, PyTorch with the same pruning (``torch_roc.bert_layer_at``): what that
+  change is worth in each framework, measured in the same rounds.
+  Before timing, both PyTorch models' eval-mode logits on the batch are compared with the
+  library's (``parity_max_abs_diff_logits``).
 - ``multimodal``: the same with the ``dinov2-s14-offline`` image tower at ``--image-size`` px
   (default 112: 8 x 8 = 64 patches + class token; DINOv2 interpolates its position embeddings in
   both frameworks), every row with an image (``has_image`` True, so the vision tower always runs).
@@ -43,11 +48,14 @@ machine's description and a ``summary``):
 
 FLOPs per example (analytic, matmuls only, a multiply-add = 2 FLOPs, training = 3 x forward):
   transformer layer of width d, MLP width f, over n tokens:   2n(4d^2 + 2df) + 4n^2 d
-  text: 6 layers over L tokens (d=384, f=1536); fusion: 2 BERT layers over L (+ T image tokens);
+  the same layer computing the outputs of q of them:    4nd^2 + 2q(2d^2 + 2df) + 4qnd
+  text: 6 layers over L tokens (d=384, f=1536); fusion: 2 BERT layers over L (+ T image tokens),
+  the last one at q = 2 marker positions (+ the T image tokens when the batch carries object-tail
+  fields, as the pipeline's do) unless pruning is off (``jax_full``, ``torch``);
   image (multimodal): patch embedding 2N(3p^2)dv + 12 layers over T = N+1 tokens (dv=384,
   fv=1536), projection 2T dv d; pair head 2(2d d + d P) + 2RP; relation projection 2RK Dd P per
   step, divided by the batch. Embedding lookups, norms, softmax and the optimizer are not counted.
-MFU = FLOPs per example x examples/s / measured matmul FLOP/s; in ``text`` and ``multimodal`` the
+MFU = FLOPs per example (the ones that side computes) x examples/s / measured matmul FLOP/s; in ``text`` and ``multimodal`` the
 matmul probe runs in the same alternating rounds as the two steps (``matmul_interleaved``), so both
 sides of the fraction see the same load; ``matmul`` is the separate probe at the start.
 
@@ -118,14 +126,20 @@ TARGETS = {"ratio_vs_torch": 1.3, "mfu": 0.5, "cache_vs_reencode_ratio": 5.0, "p
 # FLOPs
 
 
-def layer_flops(n: int, d: int, f: int) -> float:
-    """Forward matmul FLOPs of one transformer layer over ``n`` tokens."""
-    return 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
+def layer_flops(n: int, d: int, f: int, queries: int | None = None) -> float:
+    """Forward matmul FLOPs of one transformer layer over ``n`` tokens, with the outputs of
+    ``queries`` of them (all when None): keys and values for all n, the rest for the queries."""
+    q = n if queries is None else queries
+    return 4 * n * d * d + 2 * q * (2 * d * d + 2 * d * f) + 4 * q * n * d
 
 
 def flops_per_example(text: Any, seq: int, batch: int, relations: tuple[int, int],
-                      vision: Any = None, image_size: int = 0) -> float:
-    """Training FLOPs per example (3 x the forward matmuls; see the module docstring)."""
+                      vision: Any = None, image_size: int = 0, pruned: bool = True,
+                      object_tails: bool = True) -> float:
+    """Training FLOPs per example (3 x the forward matmuls; see the module docstring).
+
+    ``pruned``: the last fusion layer computes the two marker positions (and with images and
+    ``object_tails`` in the batch, the image tokens too: ``ROC.pair_states``) instead of all."""
     d, f = text.hidden_size, text.intermediate_size
     r, k = relations
     fwd = text.num_hidden_layers * layer_flops(seq, d, f)
@@ -138,7 +152,8 @@ def flops_per_example(text: Any, seq: int, batch: int, relations: tuple[int, int
         fwd += 2 * patches * 3 * p * p * dv + vision.num_hidden_layers * layer_flops(t, dv, fv)
         fwd += 2 * t * dv * d
         tokens += t
-    fwd += FUSION * layer_flops(tokens, d, f)
+    queries = (2 + (t if vision is not None and object_tails else 0)) if pruned else None
+    fwd += (FUSION - 1) * layer_flops(tokens, d, f) + layer_flops(tokens, d, f, queries)
     fwd += 2 * (2 * d * d + d * PROJ) + 2 * r * PROJ + 2 * r * k * d * PROJ / batch
     return 3 * fwd
 
@@ -213,6 +228,9 @@ def synthetic_batch(batch: int, seq: int, image_size: int = 0, seed: int = 0
         "head_index": rng.integers(1, seq // 4, size=batch).astype(np.int32),
         "tail_index": rng.integers(seq // 4, seq // 2, size=batch).astype(np.int32),
         "has_image": np.full(batch, image_size > 0),
+        # As the pipeline gives MNRE batches: no object tails, but the keys are there.
+        "tail_box": np.zeros((batch, 4), np.float32),
+        "tail_is_object": np.zeros(batch, bool),
         "label": rng.integers(0, 23, size=batch).astype(np.int32),
         "mask": np.ones(batch, bool),
     }
@@ -223,8 +241,11 @@ def synthetic_batch(batch: int, seq: int, image_size: int = 0, seed: int = 0
     return out
 
 
-def build_roc(shared: Shared, image: bool, seed: int = 0) -> tuple[Any, Any, Any]:
-    """The ROC model with real minilm-l6 (and dinov2-s14-offline) weights: (model, tcfg, vcfg)."""
+def build_roc(shared: Shared, image: bool, seed: int = 0, prune: bool = True
+              ) -> tuple[Any, Any, Any]:
+    """The ROC model with real minilm-l6 (and dinov2-s14-offline) weights: (model, tcfg, vcfg).
+
+    ``prune=False``: every position of the last fusion layer (``prune_last_fusion_layer``)."""
     from flax import nnx
 
     from roc_jax.models import weights
@@ -236,14 +257,16 @@ def build_roc(shared: Shared, image: bool, seed: int = 0) -> tuple[Any, Any, Any
     if image:
         vision, _, vcfg = weights.load_image_encoder("dinov2-s14-offline", rngs=rngs)
     cfg = ROCConfig(num_relations=len(shared.names), description_dim=shared.cache.dim,
-                    fusion_layers=FUSION, proj_dim=PROJ, skip_vision_without_images=False)
+                    fusion_layers=FUSION, proj_dim=PROJ, skip_vision_without_images=False,
+                    prune_last_fusion_layer=prune)
     model = ROC(cfg, text, vision, image_dim=vcfg.hidden_size if vcfg else None,
                 rngs=nnx.Rngs(params=seed + 4, dropout=seed + 5))
     return model, tcfg, vcfg
 
 
-def build_torch(jax_model: Any, tcfg: Any, vcfg: Any) -> Any:
-    """``TorchROC`` with ``jax_model``'s weights (HF BertModel / Dinov2Model towers)."""
+def build_torch(jax_model: Any, tcfg: Any, vcfg: Any, prune: bool = False) -> Any:
+    """``TorchROC`` with ``jax_model``'s weights (HF BertModel / Dinov2Model towers); ``prune``:
+    its last fusion layer at the markers alone (``torch_roc.bert_layer_at``)."""
     import torch
     import transformers
     from torch_roc import TorchROC, state_dict_from_roc
@@ -258,7 +281,8 @@ def build_torch(jax_model: Any, tcfg: Any, vcfg: Any) -> Any:
         folder = weights.resolve("dinov2-s14-offline")
         vision = transformers.Dinov2Model(transformers.Dinov2Config.from_pretrained(str(folder)))
     model = TorchROC(text, hf_text, vision, vcfg.hidden_size if vcfg else None,
-                     jax_model.config.description_dim, FUSION, PROJ, pair_gelu="tanh")
+                     jax_model.config.description_dim, FUSION, PROJ, pair_gelu="tanh",
+                     prune_last_fusion_layer=prune)
     sd = state_dict_from_roc(jax_model, model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     bad = [k for k in missing if not k.endswith(("position_ids", "token_type_ids", "mask_token"))]
@@ -312,78 +336,154 @@ def parity(js: dict, tmodel: Any, batch: dict[str, np.ndarray], rel_np: dict) ->
     return float(np.max(np.abs(np.asarray(out["logits"]) - tl)))
 
 
-def compare(name: str, model: Any, tcfg: Any, vcfg: Any, shared: Shared, batch: dict,
-            args: argparse.Namespace, flops: float, peak: float | None) -> dict[str, Any]:
-    """JAX train step vs the PyTorch one on the same weights and batch, interleaved blocks."""
+SIDES = {"jax": ("jax", "jax_full"), "torch": ("torch", "torch_pruned")}
+
+
+def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | None
+            ) -> dict[str, Any]:
+    """The JAX train step vs the PyTorch one on the same weights and batch.
+
+    Each framework runs in its own fresh processes (``side_child``), JAX and PyTorch processes
+    alternating for ``--rounds`` rounds; a side's figure is the median of all its timed blocks.
+    Separate processes because in one process each framework's freed memory slows the other's
+    next step: under the entry points' 2 MiB pages, a JAX step right after a PyTorch one spent
+    1.3-2.0 s in the kernel (compacting memory for huge pages) against 0.1-0.2 s after a JAX one.
+    A user runs one framework per process too.
+
+    Inside a process two variants alternate: ``jax`` (the library: last fusion layer at the
+    markers alone) with ``jax_full`` (``prune_last_fusion_layer=False``: every position, as the
+    field's code computes it) and the matmul probe; ``torch`` (the field's code) with
+    ``torch_pruned`` (the same pruning in PyTorch). Each side's MFU counts the FLOPs it computes;
+    the headline ``ratio_vs_torch`` is ``jax`` over ``torch``.
+    """
+    children: dict[str, list[dict[str, Any]]] = {"jax": [], "torch": []}
+    child_args = ["--repeats", str(args.repeats if not image_size else args.mm_repeats),
+                  "--iters", str(args.iters if not image_size else max(1, args.iters // 2)),
+                  "--warmup", str(args.warmup), "--matmul", str(args.matmul),
+                  "--image-size", str(image_size)]
+    for rnd in range(args.rounds):
+        for framework in (("jax", "torch") if rnd % 2 == 0 else ("torch", "jax")):
+            r = child_json("--side-child", [*child_args, "--side", framework], {}, timeout=1800)
+            children[framework].append(r)
+            print(f"[{name}] round {rnd} {framework}: " + ", ".join(
+                f"{s} {BATCH / statistics.median(r['blocks'][s]):.2f} ex/s"
+                for s in SIDES[framework]), flush=True)
+    flops = children["jax"][0]["flops"]
+    res: dict[str, Any] = {"batch": BATCH, "length": LENGTH, "rounds": args.rounds,
+                           "flops_per_example": flops["pruned"],
+                           "flops_per_example_full": flops["full"],
+                           "parity_max_abs_diff_logits": children["torch"][0]["parity"],
+                           "torch_num_threads": children["torch"][0]["torch_num_threads"],
+                           "torch_attn_implementation": children["torch"][0]["attn"],
+                           "processes": children}
+    if args.matmul:
+        secs = [t for c in children["jax"] for t in c["blocks"]["matmul"]]
+        res["matmul_interleaved"] = {"n": args.matmul, "flops_per_s": 2.0 * args.matmul**3 /
+                                     statistics.median(secs)}
+        peak = res["matmul_interleaved"]["flops_per_s"]
+    for framework, sides in SIDES.items():
+        for side in sides:
+            blocks = [t for c in children[framework] for t in c["blocks"][side]]
+            res[side] = benchlib.rate_summary(blocks, BATCH)
+            # Page faults and kernel time per step: the cost of fresh mappings (host_memory).
+            for key in ("minor_faults_per_step", "sys_s_per_step"):
+                res[side][key] = statistics.median(v for c in children[framework]
+                                                   for v in c["usage"][side][key])
+            res[side]["final_loss"] = children[framework][-1]["final_loss"][side]
+            if peak:  # the interleaved probe when there is one, else the run's separate probe
+                res[side]["mfu"] = (flops["pruned"] if side in ("jax", "torch_pruned")
+                                    else flops["full"]) * res[side]["ex_per_s"] / peak
+    rate = {side: res[side]["ex_per_s"] for sides in SIDES.values() for side in sides}
+    res["ratio_vs_torch"] = rate["jax"] / rate["torch"]
+    res["ratio_vs_torch_pruned"] = rate["jax"] / rate["torch_pruned"]
+    res["ratio_full_vs_torch"] = rate["jax_full"] / rate["torch"]
+    res["pruning_speedup"] = {"jax": rate["jax"] / rate["jax_full"],
+                              "torch": rate["torch_pruned"] / rate["torch"]}
+    if peak:
+        res["mfu"], res["torch_mfu"] = res["jax"]["mfu"], res["torch"]["mfu"]
+        res["mfu_denominator_flops_per_s"] = peak
+    print(f"[{name}] jax {rate['jax']:.2f} ex/s (every position {rate['jax_full']:.2f}), torch "
+          f"{rate['torch']:.2f} ex/s (pruned {rate['torch_pruned']:.2f}), ratio "
+          f"{res['ratio_vs_torch']:.2f} (vs pruned torch {res['ratio_vs_torch_pruned']:.2f}), "
+          f"mfu {res.get('mfu', float('nan')):.3f}, parity {res['parity_max_abs_diff_logits']}",
+          flush=True)
+    return res
+
+
+def side_child(args: argparse.Namespace) -> None:
+    """One framework's two variants of the train step (``SIDES[args.side]``), alternating blocks,
+    in this fresh process; prints one JSON line (blocks, usage, final losses; the PyTorch side
+    also the eval-mode parity of both its models with the library's logits)."""
     import jax
     import jax.numpy as jnp
-    import torch
-    from torch_roc import make_train_step
 
-    res: dict[str, Any] = {"batch": BATCH, "length": LENGTH, "flops_per_example": flops}
-    js = jax_setup(model, batch, shared.relations_np)
-    tmodel = build_torch(model, tcfg, vcfg)
-    res["parity_max_abs_diff_logits"] = parity(js, tmodel, batch, shared.relations_np)
-    holder = {"state": js["state"]}
+    shared = shared_pieces()
+    image = args.image_size > 0
+    batch = synthetic_batch(BATCH, LENGTH, image_size=args.image_size)
+    model, tcfg, vcfg = build_roc(shared, image)
+    r, k = shared.relations_np["mask"].shape
+    size = args.image_size
+    out: dict[str, Any] = {"side": args.side, "final_loss": {}, "load_average": os.getloadavg(),
+                           "flops": {"pruned": flops_per_example(tcfg, LENGTH, BATCH, (r, k),
+                                                                 vcfg, size),
+                                     "full": flops_per_example(tcfg, LENGTH, BATCH, (r, k), vcfg,
+                                                               size, pruned=False)}}
+    fns: dict[str, Any] = {}
+    if args.side == "torch":
+        import torch
+        from torch_roc import make_train_step
 
-    def jax_step():
-        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
-        return out["loss"]
+        torch.set_num_threads(os.cpu_count())
+        tb = torch_batch(batch)
+        trel = torch.from_numpy(shared.relations_np["embeddings"])
+        tmask = torch.from_numpy(shared.relations_np["mask"])
+        js = jax_setup(model, batch, shared.relations_np)  # the parity reference only
+        out["parity"] = {}
+        for side, prune in (("torch", False), ("torch_pruned", True)):
+            tmodel = build_torch(model, tcfg, vcfg, prune=prune)
+            out["parity"][side] = parity(js, tmodel, batch, shared.relations_np)
+            tmodel.train()
+            fns[side] = functools.partial(make_train_step(tmodel), tb, trel, tmask)
+        out["torch_num_threads"] = torch.get_num_threads()
+        out["attn"] = tmodel.text.config._attn_implementation
+        del js, model
+    else:
+        for side, prune in (("jax", True), ("jax_full", False)):
+            js = jax_setup(model if prune else build_roc(shared, image, prune=False)[0], batch,
+                           shared.relations_np)
+            holder = {"state": js["state"], "js": js}
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(jax_step())
-    res["jax_compile_and_first_step_s"] = time.perf_counter() - t0
-    tb = torch_batch(batch)
-    trel = torch.from_numpy(shared.relations_np["embeddings"])
-    tmask = torch.from_numpy(shared.relations_np["mask"])
-    tmodel.train()
-    tstep = make_train_step(tmodel)
+            def jax_step(holder=holder):
+                holder["state"], res = holder["js"]["trainer"].train_step(
+                    holder["state"], holder["js"]["batch"], holder["js"]["rel"])
+                return res["loss"]
 
-    def torch_step():
-        return tstep(tb, trel, tmask)
+            t0 = time.perf_counter()
+            jax.block_until_ready(jax_step())
+            out[f"{side}_compile_and_first_step_s"] = time.perf_counter() - t0
+            fns[side] = jax_step
+        if args.matmul:
+            # The matmul probe runs in the same rounds as the steps, so the MFU's numerator and
+            # denominator see the same load on a shared machine.
+            a = jax.random.normal(jax.random.key(0), (args.matmul, args.matmul), jnp.float32)
+            mm = jax.jit(jnp.dot)
+            jax.block_until_ready(mm(a, a))
+            fns["matmul"] = lambda: mm(a, a)
+
+    def sync(x: Any) -> Any:
+        return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
 
     for _ in range(args.warmup):
-        jax.block_until_ready(jax_step())
-        torch_step()
-    iters = args.iters if vcfg is None else max(1, args.iters // 2)
-    repeats = args.repeats if vcfg is None else args.mm_repeats
-    fns = {"jax": jax_step, "torch": torch_step}
-    if args.matmul:
-        # The matmul probe runs in the same rounds as the steps, so the MFU's numerator and
-        # denominator see the same load on a shared machine.
-        n = args.matmul
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        mm = jax.jit(jnp.dot)
-        jax.block_until_ready(mm(a, a))
-        fns["matmul"] = lambda: mm(a, a)
+        for fn in fns.values():
+            sync(fn())
     usage: dict[str, dict[str, list[float]]] = {}
-    blocks = benchlib.time_interleaved(fns, repeats, iters,
-                                       sync=lambda x: jax.block_until_ready(x)
-                                       if isinstance(x, jax.Array) else x, usage=usage)
-    if "matmul" in blocks:
-        secs = blocks["matmul"]
-        res["matmul_interleaved"] = {"n": args.matmul, "flops_per_s": 2.0 * args.matmul**3 /
-                                     np.median(secs), "s_blocks": [round(t, 5) for t in secs]}
-        peak = res["matmul_interleaved"]["flops_per_s"]
-    res["jax"] = benchlib.rate_summary(blocks["jax"], BATCH)
-    res["torch"] = benchlib.rate_summary(blocks["torch"], BATCH)
-    for side in ("jax", "torch"):
-        # Page faults and kernel time per step: the cost of fresh mappings (roc_jax.host_memory).
-        res[side]["minor_faults_per_step"] = statistics.median(usage[side]["minor_faults"])
-        res[side]["sys_s_per_step"] = statistics.median(usage[side]["sys_s"])
-    res["torch"]["num_threads"] = torch.get_num_threads()
-    res["torch"]["attn_implementation"] = tmodel.text.config._attn_implementation
-    res["jax"]["final_loss"] = float(jax_step())
-    res["torch"]["final_loss"] = float(torch_step())
-    res["ratio_vs_torch"] = res["jax"]["ex_per_s"] / res["torch"]["ex_per_s"]
-    if peak:  # the interleaved probe when there is one, else the run's separate probe
-        res["mfu"] = flops * res["jax"]["ex_per_s"] / peak
-        res["torch_mfu"] = flops * res["torch"]["ex_per_s"] / peak
-        res["mfu_denominator_flops_per_s"] = peak
-    print(f"[{name}] jax {res['jax']['ex_per_s']:.2f} ex/s, torch {res['torch']['ex_per_s']:.2f} "
-          f"ex/s, ratio {res['ratio_vs_torch']:.2f}, mfu {res.get('mfu', float('nan')):.3f}, "
-          f"parity {res['parity_max_abs_diff_logits']:.2e}", flush=True)
-    return res
+    out["blocks"] = benchlib.time_interleaved(fns, args.repeats, args.iters, sync=sync,
+                                              usage=usage)
+    out["usage"] = {side: {"minor_faults_per_step": u["minor_faults"],
+                           "sys_s_per_step": u["sys_s"]} for side, u in usage.items()}
+    for side in SIDES[args.side]:
+        out["final_loss"][side] = float(fns[side]())
+    print(json.dumps(out, default=float), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -876,12 +976,8 @@ def child_json(flag: str, args: list[str], env: dict[str, str], timeout: int) ->
 
 
 def text_pair_child(args: argparse.Namespace) -> None:
-    """The ``text`` comparison (JAX and PyTorch, alternating blocks) alone: one JSON line."""
-    shared = shared_pieces()
-    model, tcfg, _ = build_roc(shared, image=False)
-    r, k = shared.relations_np["mask"].shape
-    res = compare("text", model, tcfg, None, shared, synthetic_batch(BATCH, LENGTH), args,
-                  flops_per_example(tcfg, LENGTH, BATCH, (r, k)), None)
+    """The ``text`` comparison (JAX and PyTorch processes, alternating) alone: one JSON line."""
+    res = compare("text", 0, args, None)
     res["host_memory"] = host_memory.status
     res["load_average"] = os.getloadavg()
     print(json.dumps(res, default=float), flush=True)
@@ -988,6 +1084,10 @@ def main() -> None:
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--jax-text-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--text-pair-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--side-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=tuple(SIDES), help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="text/multimodal: alternating JAX and PyTorch processes per framework")
     ap.add_argument("--keep", action="store_true",
                     help="keep the sections of an existing --out file that this run does not "
                          "measure (each section says when and under which load it was measured)")
@@ -1000,10 +1100,10 @@ def main() -> None:
         jax_text_child(args)
         return
     if args.text_pair_child:
-        import torch
-
-        torch.set_num_threads(os.cpu_count())
         text_pair_child(args)
+        return
+    if args.side_child:
+        side_child(args)
         return
     # Like train.py: glibc's mapped blocks on 2 MiB pages (roc_jax.host_memory), so the headline
     # figures are what the entry points get; the children of malloc/memory set their own.
@@ -1036,18 +1136,14 @@ def main() -> None:
         result[part]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
 
     if {"text", "variants", "profile"} & set(parts):
-        model, tcfg, _ = build_roc(shared, image=False)
+        tcfg = build_roc(shared, image=False)[1]
         text_flops = flops_per_example(tcfg, LENGTH, BATCH, (r, k))
         batch = synthetic_batch(BATCH, LENGTH)
     if "text" in parts:
-        result["text"] = compare("text", model, tcfg, None, shared, batch, args, text_flops, peak)
+        result["text"] = compare("text", 0, args, peak)
         stamp("text")
     if "multimodal" in parts:
-        model, tcfg, vcfg = build_roc(shared, image=True)
-        flops = flops_per_example(tcfg, LENGTH, BATCH, (r, k), vcfg, args.image_size)
-        mm_batch = synthetic_batch(BATCH, LENGTH, image_size=args.image_size)
-        result["multimodal"] = compare("multimodal", model, tcfg, vcfg, shared, mm_batch, args,
-                                       flops, peak)
+        result["multimodal"] = compare("multimodal", args.image_size, args, peak)
         result["multimodal"]["image_size"] = args.image_size
         stamp("multimodal")
     if "variants" in parts:
@@ -1102,6 +1198,11 @@ def make_summary(result: dict[str, Any]) -> dict[str, Any]:
         summary.update(jax_ex_per_s=t["jax"]["ex_per_s"], torch_ex_per_s=t["torch"]["ex_per_s"],
                        ratio_vs_torch=t["ratio_vs_torch"], mfu=t.get("mfu"),
                        torch_mfu=t.get("torch_mfu"))
+        if "jax_full" in t:
+            summary.update(jax_full_ex_per_s=t["jax_full"]["ex_per_s"],
+                           torch_pruned_ex_per_s=t["torch_pruned"]["ex_per_s"],
+                           ratio_vs_torch_pruned=t["ratio_vs_torch_pruned"],
+                           ratio_full_vs_torch=t["ratio_full_vs_torch"])
     if "matmul" in result:
         summary["matmul_gflops_f32"] = result["matmul"]["flops_per_s"] / 1e9
     if "multimodal" in result:
@@ -1109,6 +1210,9 @@ def make_summary(result: dict[str, Any]) -> dict[str, Any]:
         summary.update(mm_image_size=m["image_size"], mm_jax_ex_per_s=m["jax"]["ex_per_s"],
                        mm_torch_ex_per_s=m["torch"]["ex_per_s"],
                        mm_ratio_vs_torch=m["ratio_vs_torch"], mm_mfu=m.get("mfu"))
+        if "jax_full" in m:
+            summary.update(mm_ratio_vs_torch_pruned=m["ratio_vs_torch_pruned"],
+                           mm_ratio_full_vs_torch=m["ratio_full_vs_torch"])
     if "compile" in result:
         c = result["compile"]
         summary.update(compiles_per_epoch=c["compiles_per_epoch"], compile_limit=c["limit"],

@@ -85,6 +85,30 @@ def test_bert_layer_alone_matches_hf_layer():
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("attention_impl", ["einsum", "fused"])
+def test_bert_layer_on_chosen_positions_matches_hf_layer_there(attention_impl):
+    """``queries [B, Q]`` computes the layer's output at those positions alone (each attending to
+    every unmasked key): HF's full layer output gathered at the same positions."""
+    pt = _torch_bert(TINY)
+    config = BertConfig.from_hf({**pt.config.to_dict(), "attention_impl": attention_impl})
+    model = BertEncoder(config, rngs=nnx.Rngs(0))
+    weights.load_from_state_dict(model, pt.state_dict(), weights.bert_name_map, "bert")
+    layer: BertLayer = model.layers[1]
+    layer.eval()
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 7, 32)).astype(np.float32)
+    mask = np.array([[1] * 7, [1] * 4 + [0] * 3])
+    queries = np.array([[0, 6, 3], [2, 2, 5]])  # any positions, repeated or padded ones too
+    ext = (1.0 - torch.from_numpy(mask).float())[:, None, None, :] * torch.finfo(torch.float32).min
+    with torch.inference_mode():
+        ref = pt.encoder.layer[1](torch.from_numpy(x), attention_mask=ext)
+    ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+    ours = layer(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(queries))
+    assert ours.shape == (2, 3, 32)
+    np.testing.assert_allclose(np.asarray(ours), np.take_along_axis(ref, queries[..., None], 1),
+                               atol=1e-4, rtol=0)
+
+
 def test_bfloat16_compute_keeps_float32_params():
     config = BertConfig(**TINY)
     model = BertEncoder(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))

@@ -124,6 +124,45 @@ def test_few_image_rows_run_the_tower_on_those_rows_alone(has_image):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _loss_grads(model, batch):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p, rest, copy=True)(batch, _relations())
+        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("images,has_image,object_tails", [
+    (False, (False,) * B, False),
+    (True, (False,) * B, True),              # the text-only branch
+    (True, (True, False, False, False), True),  # the few-rows branch
+    (True, (True,) * B, True),               # every row's image tokens
+])
+def test_last_fusion_layer_on_the_markers_alone_is_exact(images, has_image, object_tails):
+    """prune_last_fusion_layer (the default) runs the last fusion layer's queries, attention
+    output and FFN on the two marker positions (plus the image tokens for object tails): the
+    same logits, loss and gradients as computing every position."""
+    batch = _batch(has_image=has_image)
+    if object_tails:
+        batch["tail_is_object"] = jnp.asarray([True, False, True, False])
+        batch["tail_box"] = jnp.asarray([[0.0, 0.0, 0.5, 1.0]] * B, jnp.float32)
+    else:
+        del batch["tail_is_object"], batch["tail_box"]
+    if not images:
+        del batch["pixel_values"]
+    pruned = _model(images=images, vision_rows=1)
+    full = _model(images=images, vision_rows=1, prune_last_fusion_layer=False)
+    assert pruned.config.prune_last_fusion_layer
+    np.testing.assert_allclose(_forward(pruned, batch, _relations())[0],
+                               _forward(full, batch, _relations())[0], rtol=1e-5, atol=1e-5)
+    (lp, gp), (lf, gf) = _loss_grads(pruned, batch), _loss_grads(full, batch)
+    np.testing.assert_allclose(lp, lf, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gf), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_model_without_images_needs_no_pixels_and_with_images_requires_them():
     text_only = _model(images=False)
     batch = _batch()
@@ -178,8 +217,7 @@ def test_more_object_tail_reads_the_box():
     batch["tail_is_object"] = jnp.asarray([True, True, False, False])
     batch["tail_box"] = jnp.asarray([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1], [0, 0, 0, 0],
                                      [0, 0, 0, 0]], jnp.float32)
-    states, inter = nnx.jit(lambda m, b: m.pair_states(b))(model, batch)
-    fused = inter["fused"]
+    states, (fused, _, _) = nnx.jit(lambda m, b: (m.pair_states(b), m.fuse(b)))(model, batch)
     patches = fused[:, L + 1:]  # [B, 4, D]: 16x16 image, patch 8 -> 2x2 grid
     np.testing.assert_allclose(states[0, D:], patches[0, 0], atol=1e-6)
     np.testing.assert_allclose(states[1, D:], patches[1, 3], atol=1e-6)

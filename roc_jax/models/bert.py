@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from roc_jax.models.dropout import Dropout
-from roc_jax.models.layers import MultiHeadAttention, activation, dense, layer_norm
+from roc_jax.models.layers import MultiHeadAttention, activation, dense, layer_norm, take_positions
 
 Array = jax.Array
 
@@ -138,10 +138,14 @@ class BertLayer(nnx.Module):
         self.dropout = Dropout(config.hidden_dropout_prob, rngs=rngs)
         self.act = activation(config.hidden_act)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None, queries: Array | None = None) -> Array:
+        """``queries [B, Q]`` (positions) -> ``[B, Q, D]``: the layer's output at those positions
+        alone; they attend to every position, and the rest of the layer (attention output,
+        FFN) runs on Q rows instead of L."""
         if mask is not None:
             mask = mask.astype(bool)
-        x = self.attention_norm(x + self.dropout(self.attention(x, mask)))
+        residual = x if queries is None else take_positions(x, queries)
+        x = self.attention_norm(residual + self.dropout(self.attention(x, mask, queries)))
         h = self.output(self.act(self.intermediate(x)))
         return self.output_norm(x + self.dropout(h))
 

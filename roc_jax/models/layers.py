@@ -117,19 +117,25 @@ gradient_barrier.defvjp(_barrier_fwd, _barrier_bwd)
 ATTENTION_IMPLS = ("einsum", "fused")
 
 
-def fused_attention_backend(dtype, head_dim: int, length: int) -> str:
+def fused_attention_backend(dtype, head_dim: int, length: int, num_queries: int | None = None
+                            ) -> str:
     """The ``implementation`` that ``attention_impl="fused"`` passes to dot_product_attention.
 
     ``"cudnn"`` when the default backend is a GPU, the compute dtype is bf16/fp16 (cuDNN's flash
-    attention has no float32 kernel), the head dim is a multiple of 8 up to 128 and the sequence
-    length is even (cuDNN's condition for training with a bias, which is how the key mask reaches
-    it); otherwise ``"xla"``. The rule is static, so one config always compiles the same kernel.
+    attention has no float32 kernel), the head dim is a multiple of 8 up to 128 and the key length
+    and query count (``num_queries``, default ``length``) are even (cuDNN's condition for training
+    with a bias, which is how the key mask reaches it); otherwise ``"xla"``. The rule is static, so one config always compiles the same kernel.
     """
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if (jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128
-            and length % 2 == 0):
+            and length % 2 == 0 and (length if num_queries is None else num_queries) % 2 == 0):
         return "cudnn"
     return "xla"
+
+
+def take_positions(x: Array, positions: Array) -> Array:
+    """``x [B, L, D]``, ``positions [B, Q]`` int -> ``[B, Q, D]``: the rows of each sequence."""
+    return jnp.take_along_axis(x, positions[..., None].astype(jnp.int32), axis=1)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -171,26 +177,34 @@ class MultiHeadAttention(nnx.Module):
         self.out = dense(dim, dim, dtype=dtype, rngs=rngs)
         self.dropout = Dropout(dropout, rngs=rngs)
 
-    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, mask: Array | None = None, queries: Array | None = None) -> Array:
+        """``x [B, L, D] -> [B, L, D]``, or ``[B, Q, D]`` for the positions ``queries [B, Q]``.
+
+        With ``queries`` only those positions are projected to queries and attended from; keys
+        and values still come from every position, so row ``j`` of the result equals row
+        ``queries[:, j]`` of the full result (the head reads two positions of the last layer).
+        """
         b, length, _ = x.shape
-        shape = (b, length, self.num_heads, self.head_dim)
-        # Scaling q (not the logits) keeps the [B, H, L, L] tensor's producer a single einsum.
-        q = self.query(x).reshape(shape) * jnp.asarray(self.head_dim**-0.5, self.dtype)
-        k = self.key(x).reshape(shape)
-        v = self.value(x).reshape(shape)
+        xq = x if queries is None else take_positions(x, queries)
+        heads = (self.num_heads, self.head_dim)
+        # Scaling q (not the logits) keeps the [B, H, Q, L] tensor's producer a single einsum.
+        q = self.query(xq).reshape(*xq.shape[:2], *heads) * jnp.asarray(self.head_dim**-0.5,
+                                                                         self.dtype)
+        k = self.key(x).reshape(b, length, *heads)
+        v = self.value(x).reshape(b, length, *heads)
         if self.attention_impl == "fused":
-            return self.out(self._fused(q, k, v, mask).reshape(b, length, -1))
+            return self.out(self._fused(q, k, v, mask).reshape(*xq.shape[:2], -1))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if mask is not None:
             bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
             logits = logits + bias
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         probs = self.dropout(probs)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, length, -1)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*xq.shape[:2], -1)
         return self.out(ctx)
 
     def _fused(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-        """``jax.nn.dot_product_attention`` on ``[B, L, N, H]`` (q already scaled)."""
+        """``jax.nn.dot_product_attention``: q ``[B, Q, N, H]`` (already scaled), k/v ``[B, L, N, H]``."""
         if self.dropout.rate > 0 and not self.dropout.deterministic:
             raise ValueError(
                 f"attention_impl='fused' cannot apply attention dropout "
@@ -198,8 +212,8 @@ class MultiHeadAttention(nnx.Module):
                 f"attention probabilities. Set attention_probs_dropout_prob=0 in the encoder "
                 f"config, or use attention_impl='einsum'."
             )
-        b, length = q.shape[:2]
-        impl = fused_attention_backend(self.dtype, self.head_dim, length)
+        b, num_q, length = q.shape[0], q.shape[1], k.shape[1]
+        impl = fused_attention_backend(self.dtype, self.head_dim, length, num_q)
         if mask is not None:
             # [B, 1, 1, S] broadcasts over heads and queries for XLA; cuDNN turns the mask into an
             # additive bias and checks that bias has the full [.., T, S] extent. A general boolean
@@ -207,7 +221,7 @@ class MultiHeadAttention(nnx.Module):
             # tokens, which is not right padding.
             mask = mask.astype(bool)[:, None, None, :]
             if impl == "cudnn":
-                mask = jnp.broadcast_to(mask, (b, 1, length, length))
+                mask = jnp.broadcast_to(mask, (b, 1, num_q, length))
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0, implementation=impl)
 
 

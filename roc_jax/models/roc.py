@@ -57,6 +57,12 @@ class ROCConfig:
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
     # rows alone; MNRE as distributed here has an image in 49 of 12,247 samples. 0: off.
     vision_rows: int = 4
+    # The head reads two positions of the last fusion layer (the entity markers), so that layer
+    # computes queries, attention output and FFN for those two alone (keys and values still for
+    # every token): exact, and about a tenth of the text step's FLOPs. With image tokens and
+    # object tails (MORE pools the box's patches) the image tokens run as well. Off: every
+    # position runs (the reference for the checks and the benchmark's before/after).
+    prune_last_fusion_layer: bool = True
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -172,21 +178,27 @@ class ROC(nnx.Module):
         img = img + self.image_type[...].astype(img.dtype)
         return img, jnp.broadcast_to(has_image[:, None], img.shape[:2])
 
-    def _fusion_layers(self, x: Array, mask: Array) -> Array:
-        for layer in self.fusion:
-            x = layer(x, mask)
+    def _fusion_layers(self, x: Array, mask: Array, queries: Array | None = None) -> Array:
+        for i, layer in enumerate(self.fusion):
+            x = layer(x, mask, queries if i == len(self.fusion) - 1 else None)
         return x
 
-    def fuse(self, batch: Mapping[str, Array]) -> tuple[Array, Array, int]:
+    def fuse(self, batch: Mapping[str, Array], queries: Array | None = None,
+             image_rows: bool = False) -> tuple[Array, Array, int]:
         """Text and image tokens through the fusion layers.
 
         Returns ``(fused [B, L+T, D], mask [B, L+T], L)``; ``T = 0`` without an image tower.
+        With ``queries [B, Q]`` (text positions; needs a fusion layer) the last fusion layer
+        computes those positions alone and ``fused`` is ``[B, Q, D]``, or ``[B, Q+T, D]`` with
+        the T image tokens appended when ``image_rows`` (zeros where a row has no image).
         """
+        if queries is not None and not self.fusion:
+            raise ValueError("queries need a fusion layer to run on (fusion_layers=0)")
         ids, amask = batch["input_ids"], batch["attention_mask"].astype(bool)
         x = self.text(ids, amask)
         length = ids.shape[1]
         if self.vision is None:
-            return self._fusion_layers(x, amask), amask, length
+            return self._fusion_layers(x, amask, queries), amask, length
         if "pixel_values" not in batch:
             raise KeyError("the model has an image tower but the batch has no pixel_values "
                            "(config.data.use_images must match the model)")
@@ -197,17 +209,28 @@ class ROC(nnx.Module):
         mask = jnp.concatenate([amask, jnp.broadcast_to(has_image[:, None], (len(ids), num_img))],
                                axis=1)
 
+        def and_image_rows(q: Array | None) -> Array | None:
+            # [b, Q] -> [b, Q+T]: the image tokens' positions follow the text's.
+            if q is None or not image_rows:
+                return q
+            img_pos = jnp.broadcast_to(length + jnp.arange(num_img, dtype=q.dtype),
+                                       (q.shape[0], num_img))
+            return jnp.concatenate([q, img_pos], axis=1)
+
         def with_images(model, x, px):
             img, img_mask = model.image_tokens(px, has_image)
             return model._fusion_layers(jnp.concatenate([x, img.astype(x.dtype)], axis=1),
-                                        jnp.concatenate([amask, img_mask], axis=1))
+                                        jnp.concatenate([amask, img_mask], axis=1),
+                                        and_image_rows(queries))
 
         def text_only(model, x, px):
             # Masked image tokens are invisible to the text tokens (their keys are masked out),
             # so a batch without any image fuses the text alone: no ViT and no image-token share
             # of the fusion layers. The image positions come back as zeros; nothing reads them
             # (a MORE object tail without its image has nothing to pool either way).
-            fused = model._fusion_layers(x, amask)
+            fused = model._fusion_layers(x, amask, queries)
+            if queries is not None and not image_rows:
+                return fused
             pad = jnp.zeros((x.shape[0], num_img, x.shape[2]), fused.dtype)
             return jnp.concatenate([fused, pad], axis=1)
 
@@ -223,7 +246,8 @@ class ROC(nnx.Module):
             sub = model._fusion_layers(
                 jnp.concatenate([x[take], img.astype(x.dtype)], axis=1),
                 jnp.concatenate([amask[take], jnp.broadcast_to(real[:, None], img.shape[:2])],
-                                axis=1))
+                                axis=1),
+                None if queries is None else and_image_rows(queries[take]))
             return text_only(model, x, px).at[rows].set(sub, mode="drop")
 
         if not self.config.skip_vision_without_images:
@@ -243,29 +267,35 @@ class ROC(nnx.Module):
             fused = nnx.cond(count > 0, with_images_remat, text_only, self, x, px)
         return fused, mask, length
 
-    def pair_states(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    def pair_states(self, batch: Mapping[str, Array]) -> Array:
         """``[B, 2D]``: fused head and tail states (MORE object tails: box-pooled patches)."""
-        fused, _, length = self.fuse(batch)
-        rows = jnp.arange(fused.shape[0])
-        head = fused[rows, batch["head_index"]]
-        tail = fused[rows, batch["tail_index"]]
-        if self.vision is not None and "tail_is_object" in batch:
-            patches = fused[:, length + 1 :]  # skip the class token
+        object_tails = self.vision is not None and "tail_is_object" in batch
+        if self.config.prune_last_fusion_layer and self.fusion:
+            markers = jnp.stack([batch["head_index"], batch["tail_index"]], axis=1)
+            # [B, 2(+T), D]: the marker states, then (object tails) the image tokens.
+            fused, _, _ = self.fuse(batch, markers, image_rows=object_tails)
+            head, tail, patches = fused[:, 0], fused[:, 1], fused[:, 3:]
+        else:
+            fused, _, length = self.fuse(batch)
+            rows = jnp.arange(fused.shape[0])
+            head = fused[rows, batch["head_index"]]
+            tail = fused[rows, batch["tail_index"]]
+            patches = fused[:, length + 1 :]
+        if object_tails:  # the patches, without the class token, pooled over the box
             grid = math.isqrt(patches.shape[1])
             if grid * grid != patches.shape[1]:
                 raise ValueError(f"{patches.shape[1]} image patches do not form a square grid")
             w = box_patch_weights(batch["tail_box"].astype(jnp.float32), grid)
             pooled = jnp.einsum("bn,bnd->bd", w.astype(patches.dtype), patches)
             tail = jnp.where(batch["tail_is_object"][:, None], pooled, tail)
-        return jnp.concatenate([head, tail], axis=-1), {"fused": fused}
+        return jnp.concatenate([head, tail], axis=-1)
 
-    def encode_pair(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    def encode_pair(self, batch: Mapping[str, Array]) -> Array:
         """``[B, P]`` L2-normalized pair vectors (retrieval) or ``[B, D]`` features."""
-        states, inter = self.pair_states(batch)
-        h = self.pair_norm(jax.nn.gelu(self.pair_mlp(states)))
+        h = self.pair_norm(jax.nn.gelu(self.pair_mlp(self.pair_states(batch))))
         if self.config.head == "classification":
-            return h, inter
-        return l2_normalize(self.pair_proj(h)), inter
+            return h
+        return l2_normalize(self.pair_proj(h))
 
     def encode_relations(self, relations: Mapping[str, Array]) -> Array:
         """``[R, K, P]`` L2-normalized relation-description vectors."""
@@ -292,10 +322,10 @@ class ROC(nnx.Module):
 
     def __call__(self, batch: Mapping[str, Array],
                  relations: Mapping[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
-        pair, inter = self.encode_pair(batch)
+        pair = self.encode_pair(batch)
         if self.config.head == "classification":
             logits = self.classifier(pair).astype(jnp.float32)
-            return logits, {**inter, "pair": pair}
+            return logits, {"pair": pair}
         if relations is None:
             raise ValueError("the retrieval head needs the relation descriptions")
         rels = self.encode_relations(relations)
@@ -305,8 +335,7 @@ class ROC(nnx.Module):
             # Relations without descriptions keep NO_DESCRIPTION_SCORE: a bias must not revive them.
             logits = jnp.where(relations["mask"].any(axis=-1)[None],
                                logits + self.relation_bias[...][None], logits)
-        return logits.astype(jnp.float32), {**inter, "pair": pair, "relations": rels,
-                                            "temperature": t}
+        return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
 
 
 def _dense(i: int, o: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
@@ -404,6 +433,7 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         relation_bias=model_cfg.get("relation_bias", False),
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
+        prune_last_fusion_layer=model_cfg.get("prune_last_fusion_layer", True),
     )
     model = ROC(roc_cfg, text, vision, desc, image_dim=image_dim, dtype=dtype,
                 rngs=nnx.Rngs(params=seed + 4, dropout=seed + 5))
