@@ -106,7 +106,8 @@ from roc_jax import host_memory  # noqa: E402
 
 PARTS = ("matmul", "text", "multimodal", "variants", "profile", "compile", "retrieval",
          "memory", "malloc")
-EXTRA_PARTS = ("flags",)  # run on request (--parts flags): several minutes of fresh processes
+# Run on request (--parts flags,torch_env): several minutes of fresh processes each.
+EXTRA_PARTS = ("flags", "torch_env")
 BATCH, LENGTH, FUSION, PROJ = 32, 64, 2, 256
 TRAIN_CFG = types.SimpleNamespace(lr_encoder=1e-5, lr_head=1e-3, warmup_ratio=0.1,
                                   weight_decay=0.01, grad_clip=1.0)
@@ -339,8 +340,8 @@ def parity(js: dict, tmodel: Any, batch: dict[str, np.ndarray], rel_np: dict) ->
 SIDES = {"jax": ("jax", "jax_full"), "torch": ("torch", "torch_pruned")}
 
 
-def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | None
-            ) -> dict[str, Any]:
+def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | None,
+            torch_env: dict[str, str] | None = None) -> dict[str, Any]:
     """The JAX train step vs the PyTorch one on the same weights and batch.
 
     Each framework runs in its own fresh processes (``side_child``), JAX and PyTorch processes
@@ -348,7 +349,10 @@ def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | 
     Separate processes because in one process each framework's freed memory slows the other's
     next step: under the entry points' 2 MiB pages, a JAX step right after a PyTorch one spent
     1.3-2.0 s in the kernel (compacting memory for huge pages) against 0.1-0.2 s after a JAX one.
-    A user runs one framework per process too.
+    A user runs one framework per process too. ``torch_env``: the PyTorch processes' host-memory
+    setting (``MALLOC_SETTINGS``; None: this process's). The headline runs PyTorch on glibc's
+    defaults, what its users get and its faster setting: on 2 MiB pages its full step spent
+    0.3 s per step in the kernel and ran at 18.8 ex/s against 22.0 (``--parts torch_env``).
 
     Inside a process two variants alternate: ``jax`` (the library: last fusion layer at the
     markers alone) with ``jax_full`` (``prune_last_fusion_layer=False``: every position, as the
@@ -363,7 +367,8 @@ def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | 
                   "--image-size", str(image_size)]
     for rnd in range(args.rounds):
         for framework in (("jax", "torch") if rnd % 2 == 0 else ("torch", "jax")):
-            r = child_json("--side-child", [*child_args, "--side", framework], {}, timeout=1800)
+            env = (torch_env or {}) if framework == "torch" else {}
+            r = child_json("--side-child", [*child_args, "--side", framework], env, timeout=1800)
             children[framework].append(r)
             print(f"[{name}] round {rnd} {framework}: " + ", ".join(
                 f"{s} {BATCH / statistics.median(r['blocks'][s]):.2f} ex/s"
@@ -375,6 +380,7 @@ def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | 
                            "parity_max_abs_diff_logits": children["torch"][0]["parity"],
                            "torch_num_threads": children["torch"][0]["torch_num_threads"],
                            "torch_attn_implementation": children["torch"][0]["attn"],
+                           "torch_env": torch_env or "as the parent",
                            "processes": children}
     if args.matmul:
         secs = [t for c in children["jax"] for t in c["blocks"]["matmul"]]
@@ -407,6 +413,31 @@ def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | 
           f"{res['ratio_vs_torch']:.2f} (vs pruned torch {res['ratio_vs_torch_pruned']:.2f}), "
           f"mfu {res.get('mfu', float('nan')):.3f}, parity {res['parity_max_abs_diff_logits']}",
           flush=True)
+    return res
+
+
+def torch_env_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """The PyTorch side of ``text`` alone in fresh processes on glibc's defaults and on 2 MiB
+    pages, alternating, twice: which setting the PyTorch baseline gets in ``compare``."""
+    child_args = ["--repeats", str(args.repeats), "--iters", str(args.iters), "--warmup",
+                  str(args.warmup), "--matmul", "0", "--image-size", "0", "--side", "torch"]
+    runs: dict[str, list[dict[str, Any]]] = {"glibc_default": [], "huge_pages": []}
+    for _ in range(2):
+        for label in runs:
+            runs[label].append(child_json("--side-child", child_args, MALLOC_SETTINGS[label],
+                                          timeout=1800))
+    res: dict[str, Any] = {}
+    for label, children in runs.items():
+        res[label] = {"env": MALLOC_SETTINGS[label]}
+        for side in SIDES["torch"]:
+            res[label][side] = benchlib.rate_summary(
+                [t for c in children for t in c["blocks"][side]], BATCH)
+            res[label][side]["sys_s_per_step"] = statistics.median(
+                v for c in children for v in c["usage"][side]["sys_s_per_step"])
+        print(f"[torch_env] {label}: " + ", ".join(
+            f"{side} {res[label][side]['ex_per_s']:.2f} ex/s "
+            f"({res[label][side]['sys_s_per_step']:.2f} s kernel/step)"
+            for side in SIDES["torch"]), flush=True)
     return res
 
 
@@ -1140,10 +1171,11 @@ def main() -> None:
         text_flops = flops_per_example(tcfg, LENGTH, BATCH, (r, k))
         batch = synthetic_batch(BATCH, LENGTH)
     if "text" in parts:
-        result["text"] = compare("text", 0, args, peak)
+        result["text"] = compare("text", 0, args, peak, MALLOC_SETTINGS["glibc_default"])
         stamp("text")
     if "multimodal" in parts:
-        result["multimodal"] = compare("multimodal", args.image_size, args, peak)
+        result["multimodal"] = compare("multimodal", args.image_size, args, peak,
+                                       MALLOC_SETTINGS["glibc_default"])
         result["multimodal"]["image_size"] = args.image_size
         stamp("multimodal")
     if "variants" in parts:
@@ -1170,6 +1202,9 @@ def main() -> None:
     if "malloc" in parts:
         result["malloc"] = malloc_ab(args)
         stamp("malloc")
+    if "torch_env" in parts:
+        result["torch_env"] = torch_env_ab(args)
+        stamp("torch_env")
     out = Path(args.out)
     if args.keep and out.exists():
         old = json.loads(out.read_text())
