@@ -1015,12 +1015,13 @@ def text_pair_child(args: argparse.Namespace) -> None:
 
 
 def malloc_ab(args: argparse.Namespace) -> dict[str, Any]:
-    """The text comparison in fresh processes under each of ``MALLOC_SETTINGS``, the settings
-    alternating, twice, to bracket load drift. The settings are process-wide, so in each process
-    both frameworks run under the same allocator."""
+    """The text comparison (``compare``: a JAX and a PyTorch process per ``--rounds``) under
+    each of ``MALLOC_SETTINGS``, the settings alternating, twice, to bracket load drift. Both
+    frameworks' processes run under the setting."""
     runs: list[dict[str, Any]] = []
     child_args = ["--repeats", str(args.repeats), "--iters", str(args.iters),
-                  "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
+                  "--warmup", str(args.warmup), "--matmul", str(args.matmul),
+                  "--rounds", str(args.rounds)]
     for i, label in enumerate(list(MALLOC_SETTINGS) * 2):
         r = child_json("--text-pair-child", child_args, MALLOC_SETTINGS[label], timeout=1200)
         run = {"round": i, "setting": label, "env": MALLOC_SETTINGS[label],

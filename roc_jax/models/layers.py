@@ -124,7 +124,8 @@ def fused_attention_backend(dtype, head_dim: int, length: int, num_queries: int 
     ``"cudnn"`` when the default backend is a GPU, the compute dtype is bf16/fp16 (cuDNN's flash
     attention has no float32 kernel), the head dim is a multiple of 8 up to 128 and the key length
     and query count (``num_queries``, default ``length``) are even (cuDNN's condition for training
-    with a bias, which is how the key mask reaches it); otherwise ``"xla"``. The rule is static, so one config always compiles the same kernel.
+    with a bias, which is how the key mask reaches it); otherwise ``"xla"``. The rule is static,
+    so one config always compiles the same kernel.
     """
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if (jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128
@@ -204,7 +205,8 @@ class MultiHeadAttention(nnx.Module):
         return self.out(ctx)
 
     def _fused(self, q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-        """``jax.nn.dot_product_attention``: q ``[B, Q, N, H]`` (already scaled), k/v ``[B, L, N, H]``."""
+        """``jax.nn.dot_product_attention``: q ``[B, Q, N, H]`` (already scaled), k and v
+        ``[B, L, N, H]``."""
         if self.dropout.rate > 0 and not self.dropout.deterministic:
             raise ValueError(
                 f"attention_impl='fused' cannot apply attention dropout "
