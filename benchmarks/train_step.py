@@ -22,8 +22,9 @@ machine's description and a ``summary``):
   both frameworks), every row with an image (``has_image`` True, so the vision tower always runs).
 - ``variants``: the text step with one change at a time, prototyped inside this process (library
   files untouched) to show where the time goes: forward only, no dropout, no attention-probability
-  dropout, dropout masks from the ``rbg`` PRNG, and the library before its dropout and GELU changes
-  (``nnx_dropout``, ``erfc_gelu``, ``before``).
+  dropout, dropout masks from the ``rbg`` PRNG, the library before its dropout and GELU changes
+  (``nnx_dropout``, ``erfc_gelu``, ``before``), and bfloat16 compute (``bf16``, and
+  ``bf16_f32_accumulation`` with the dense products accumulated and returned in float32).
 - ``profile``: a ``jax.profiler`` trace of the text step and of the multimodal one, the XLA ops'
   durations summed by kind (matmul, dropout random bits, ...) and phase (forward / backward /
   optimizer) through the compiled HLO's ``op_name`` metadata, and the top ops; the tables go to
@@ -242,25 +243,28 @@ def synthetic_batch(batch: int, seq: int, image_size: int = 0, seed: int = 0
     return out
 
 
-def build_roc(shared: Shared, image: bool, seed: int = 0, prune: bool = True
-              ) -> tuple[Any, Any, Any]:
+def build_roc(shared: Shared, image: bool, seed: int = 0, prune: bool = True,
+              dtype: Any = None) -> tuple[Any, Any, Any]:
     """The ROC model with real minilm-l6 (and dinov2-s14-offline) weights: (model, tcfg, vcfg).
 
-    ``prune=False``: every position of the last fusion layer (``prune_last_fusion_layer``)."""
+    ``prune=False``: every position of the last fusion layer (``prune_last_fusion_layer``).
+    ``dtype``: the compute dtype (float32 when None; parameters stay float32)."""
+    import jax.numpy as jnp
     from flax import nnx
 
     from roc_jax.models import weights
     from roc_jax.models.roc import ROC, ROCConfig
 
+    dtype = dtype or jnp.float32
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-    text, _, tcfg = weights.load_text_encoder("minilm-l6", rngs=rngs)
+    text, _, tcfg = weights.load_text_encoder("minilm-l6", dtype=dtype, rngs=rngs)
     vision, vcfg = None, None
     if image:
-        vision, _, vcfg = weights.load_image_encoder("dinov2-s14-offline", rngs=rngs)
+        vision, _, vcfg = weights.load_image_encoder("dinov2-s14-offline", dtype=dtype, rngs=rngs)
     cfg = ROCConfig(num_relations=len(shared.names), description_dim=shared.cache.dim,
                     fusion_layers=FUSION, proj_dim=PROJ, skip_vision_without_images=False,
                     prune_last_fusion_layer=prune)
-    model = ROC(cfg, text, vision, image_dim=vcfg.hidden_size if vcfg else None,
+    model = ROC(cfg, text, vision, image_dim=vcfg.hidden_size if vcfg else None, dtype=dtype,
                 rngs=nnx.Rngs(params=seed + 4, dropout=seed + 5))
     return model, tcfg, vcfg
 
@@ -562,12 +566,18 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
       word per element, a divide by ``keep``) in place of ``layers.Dropout``'s.
     - ``erfc_gelu``: ``jax.nn.gelu(approximate=False)`` (the erfc form) in place of the erf one.
     - ``before``: both of the last two: the library before the change of 2026-11-27.
+    - ``bf16``: the model with bfloat16 compute (``dtype``; float32 parameters), as on a GPU.
+    - ``bf16_f32_accumulation``: that, with the dense layers' products asking XLA for float32
+      results (``preferred_element_type``) and rounding them to bfloat16: on this CPU such a
+      product of the model's shapes runs at about twice the float32 rate, while a bf16 -> bf16
+      one runs below it. Is the whole step faster?
     """
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from roc_jax import train_lib
-    from roc_jax.models import layers
+    from roc_jax.models import bert, layers
 
     fns, res = {}, {}
 
@@ -576,10 +586,10 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
         gdef, params, rest = nnx.split(m, nnx.Param, ...)
         return gdef, gdef, params, rest
 
-    def make(label: str, ctx: Any = None, edit: Any = None) -> None:
+    def make(label: str, ctx: Any = None, edit: Any = None, dtype: Any = None) -> None:
         train_lib._compiled_steps.cache_clear()
         with ctx or contextlib.nullcontext():
-            model = build_roc(shared, image=False)[0]
+            model = build_roc(shared, image=False, dtype=dtype)[0]
             if edit is not None:
                 edit(model)
             js = jax_setup(model, batch, shared.relations_np)
@@ -620,6 +630,23 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
         with nnx_dropout(), erfc_gelu():
             yield
 
+    def f32_products(a: Any, b: Any, dims: Any, precision: Any = None, **kw: Any) -> Any:
+        kw.pop("preferred_element_type", None)
+        return jax.lax.dot_general(a, b, dims, precision=precision,
+                                   preferred_element_type=jnp.float32, **kw).astype(a.dtype)
+
+    def f32_accumulating_dense(in_f: int, out_f: int, *, dtype: Any, rngs: Any,
+                               bias: bool = True) -> Any:
+        return nnx.Linear(in_f, out_f, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+                          kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+                          dot_general=f32_products)
+
+    @contextlib.contextmanager
+    def f32_accumulation():  # the encoders' and fusion layers' dense layers
+        with patched(layers, "dense", f32_accumulating_dense), \
+                patched(bert, "dense", f32_accumulating_dense):
+            yield
+
     selected = args.variants.split(",")
     table = {
         "baseline": {},
@@ -629,6 +656,8 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
         "nnx_dropout": {"ctx": nnx_dropout()},
         "erfc_gelu": {"ctx": erfc_gelu()},
         "before": {"ctx": before()},
+        "bf16": {"dtype": jnp.bfloat16},
+        "bf16_f32_accumulation": {"dtype": jnp.bfloat16, "ctx": f32_accumulation()},
     }
     for label, kw in table.items():
         if label == "baseline" or label in selected:
@@ -1110,7 +1139,7 @@ def main() -> None:
     ap.add_argument("--mm-repeats", type=int, default=3, help="timed blocks, multimodal")
     ap.add_argument("--variant-repeats", type=int, default=3, help="timed blocks, variants")
     ap.add_argument("--variants", default="no_dropout,no_attention_dropout,rbg_dropout,"
-                    "nnx_dropout,erfc_gelu,before", help="which prototyped changes to time next to the baseline")
+                    "nnx_dropout,erfc_gelu,before,bf16,bf16_f32_accumulation", help="which prototyped changes to time next to the baseline")
     ap.add_argument("--matmul", type=int, default=2048)
     ap.add_argument("--memory-steps", type=int, default=200)
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
