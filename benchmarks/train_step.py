@@ -9,12 +9,15 @@ machine's description and a ``summary``):
   update; ``roc_jax.train_lib.make_trainer``'s jitted, donated step), batch 32 x 64 tokens, real
   MiniLM weights, real description-cache embeddings of the 23 MNRE relations. The same model in
   PyTorch (``benchmarks/torch_roc.TorchROC`` over ``transformers.BertModel``, the JAX model's
-  weights copied in, AdamW, clipping) runs in alternating blocks (``benchlib.time_interleaved``);
-  the figure of each side is its median block; ``ratio_vs_torch`` = JAX / PyTorch examples/s.
-  Two more steps alternate with them: ``jax_full``, the library with ``prune_last_fusion_layer``
-  off (the last fusion layer over every position, as the PyTorch code of the field computes it),
-  and ``torch_pruned``, PyTorch with the same pruning (``torch_roc.bert_layer_at``): what that
-  change is worth in each framework, measured in the same rounds.
+  weights copied in, AdamW, clipping) runs too. Each framework runs in its own fresh processes,
+  JAX and PyTorch processes alternating for ``--rounds`` rounds (``compare`` says why: in one
+  process each one's freed memory slowed the other); the figure of each side is the median of
+  all its timed blocks; ``ratio_vs_torch`` = JAX / PyTorch examples/s. Inside each process a
+  second variant alternates with the step (``benchlib.time_interleaved``): ``jax_full``, the
+  library with ``prune_last_fusion_layer`` off (the last fusion layer over every position, as
+  the PyTorch code of the field computes it), and ``torch_pruned``, PyTorch with the same
+  pruning (``torch_roc.bert_layer_at``): what that change is worth in each framework. The
+  PyTorch processes run on glibc's defaults (``--parts torch_env`` measures why).
   Before timing, both PyTorch models' eval-mode logits on the batch are compared with the
   library's (``parity_max_abs_diff_logits``).
 - ``multimodal``: the same with the ``dinov2-s14-offline`` image tower at ``--image-size`` px
@@ -68,7 +71,8 @@ sides of the fraction see the same load; ``matmul`` is the separate probe at the
   ``glibc_tunables`` and ``host_memory`` in the results file).
 
 ``--parts flags`` (not in the default set; minutes): the JAX text step in a fresh process per
-``XLA_FLAGS`` setting of ``FLAG_SETS``. ``--keep`` keeps the sections of an earlier results file
+``XLA_FLAGS`` setting of ``FLAG_SETS``. ``--parts torch_env`` (likewise): the PyTorch side of
+``text`` alone on glibc's defaults and on 2 MiB pages, 2 fresh processes each. ``--keep`` keeps the sections of an earlier results file
 that a run does not measure (each section records when, and under which load, it was measured).
 
     ROC_MNRE_DIR=/work/shared/data/mnre python benchmarks/train_step.py [--parts text,compile,...]
