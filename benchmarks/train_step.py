@@ -72,7 +72,9 @@ sides of the fraction see the same load; ``matmul`` is the separate probe at the
 
 ``--parts flags`` (not in the default set; minutes): the JAX text step in a fresh process per
 ``XLA_FLAGS`` setting of ``FLAG_SETS``. ``--parts torch_env`` (likewise): the PyTorch side of
-``text`` alone on glibc's defaults and on 2 MiB pages, 2 fresh processes each. ``--keep`` keeps the sections of an earlier results file
+``text`` alone on glibc's defaults and on 2 MiB pages, 2 fresh processes each. ``--parts order``
+(likewise): both frameworks' text steps in one process, each JAX step timed with its kernel
+seconds right after a PyTorch step and right after a JAX step. ``--keep`` keeps the sections of an earlier results file
 that a run does not measure (each section records when, and under which load, it was measured).
 
     ROC_MNRE_DIR=/work/shared/data/mnre python benchmarks/train_step.py [--parts text,compile,...]
@@ -88,6 +90,7 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,7 +115,7 @@ from roc_jax import host_memory  # noqa: E402
 PARTS = ("matmul", "text", "multimodal", "variants", "profile", "compile", "retrieval",
          "memory", "malloc")
 # Run on request (--parts flags,torch_env): several minutes of fresh processes each.
-EXTRA_PARTS = ("flags", "torch_env")
+EXTRA_PARTS = ("flags", "torch_env", "order")
 BATCH, LENGTH, FUSION, PROJ = 32, 64, 2, 256
 TRAIN_CFG = types.SimpleNamespace(lr_encoder=1e-5, lr_head=1e-3, warmup_ratio=0.1,
                                   weight_decay=0.01, grad_clip=1.0)
@@ -446,6 +449,54 @@ def torch_env_ab(args: argparse.Namespace) -> dict[str, Any]:
             f"{side} {res[label][side]['ex_per_s']:.2f} ex/s "
             f"({res[label][side]['sys_s_per_step']:.2f} s kernel/step)"
             for side in SIDES["torch"]), flush=True)
+    return res
+
+
+def order_effect(args: argparse.Namespace) -> dict[str, Any]:
+    """Why ``compare`` separates the frameworks: in one process (this one's host-memory setting),
+    rounds of ``jax, torch, jax, jax`` steps; each JAX step's seconds and kernel seconds, by
+    whether a PyTorch or a JAX step ran just before it."""
+    import jax
+    import torch
+    from torch_roc import make_train_step
+
+    torch.set_num_threads(os.cpu_count())
+    shared = shared_pieces()
+    batch = synthetic_batch(BATCH, LENGTH)
+    model, tcfg, _ = build_roc(shared, False)
+    tmodel = build_torch(model, tcfg, None)
+    tmodel.train()
+    tstep = functools.partial(make_train_step(tmodel), torch_batch(batch),
+                              torch.from_numpy(shared.relations_np["embeddings"]),
+                              torch.from_numpy(shared.relations_np["mask"]))
+    js = jax_setup(model, batch, shared.relations_np)
+    holder = {"state": js["state"]}
+
+    def jstep() -> None:
+        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
+        jax.block_until_ready(out["loss"])
+
+    jstep()
+    tstep()
+    jstep()  # so that the first timed JAX step follows a JAX step
+    runs: dict[str, dict[str, list[float]]] = {
+        k: {"s": [], "sys_s": [], "minor_faults": []}
+        for k in ("jax_after_jax", "torch_after_jax", "jax_after_torch")}
+    for _ in range(args.repeats):
+        for label, fn in (("jax_after_jax", jstep), ("torch_after_jax", tstep),
+                          ("jax_after_torch", jstep), ("jax_after_jax", jstep)):
+            ru, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            fn()
+            dt, ru2 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            runs[label]["s"].append(round(dt, 4))
+            runs[label]["sys_s"].append(round(ru2.ru_stime - ru.ru_stime, 4))
+            runs[label]["minor_faults"].append(ru2.ru_minflt - ru.ru_minflt)
+    res: dict[str, Any] = {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), **runs}
+    for label, r in runs.items():
+        res[label]["median_s"] = statistics.median(r["s"])
+        res[label]["median_sys_s"] = statistics.median(r["sys_s"])
+        print(f"[order] {label}: {res[label]['median_s']:.2f} s/step, "
+              f"{res[label]['median_sys_s']:.2f} s kernel", flush=True)
     return res
 
 
@@ -1239,6 +1290,9 @@ def main() -> None:
     if "torch_env" in parts:
         result["torch_env"] = torch_env_ab(args)
         stamp("torch_env")
+    if "order" in parts:
+        result["order"] = order_effect(args)
+        stamp("order")
     out = Path(args.out)
     if args.keep and out.exists():
         old = json.loads(out.read_text())
