@@ -358,12 +358,12 @@ def compare(name: str, image_size: int, args: argparse.Namespace, peak: float | 
     Each framework runs in its own fresh processes (``side_child``), JAX and PyTorch processes
     alternating for ``--rounds`` rounds; a side's figure is the median of all its timed blocks.
     Separate processes because in one process each framework's freed memory slows the other's
-    next step: under the entry points' 2 MiB pages, a JAX step right after a PyTorch one spent
-    1.3-2.0 s in the kernel (compacting memory for huge pages) against 0.1-0.2 s after a JAX one.
+    next step: under the entry points' 2 MiB pages, a JAX step right after a PyTorch one can
+    spend over a second in the kernel compacting memory for huge pages (``--parts order``).
     A user runs one framework per process too. ``torch_env``: the PyTorch processes' host-memory
     setting (``MALLOC_SETTINGS``; None: this process's). The headline runs PyTorch on glibc's
-    defaults, what its users get and its faster setting: on 2 MiB pages its full step spent
-    0.3 s per step in the kernel and ran at 18.8 ex/s against 22.0 (``--parts torch_env``).
+    defaults, what its users get and its faster setting: on 2 MiB pages its own full step spends
+    more time in the kernel and runs slower (``--parts torch_env``).
 
     Inside a process two variants alternate: ``jax`` (the library: last fusion layer at the
     markers alone) with ``jax_full`` (``prune_last_fusion_layer=False``: every position, as the
