@@ -335,6 +335,28 @@ def jax_setup(model: Any, batch: dict[str, np.ndarray], rel_np: dict[str, np.nda
     return {"trainer": trainer, "state": state, "batch": jb, "rel": rel, "mesh": mesh}
 
 
+def jax_train_step(js: dict) -> Any:
+    """``step() -> loss``: one train step of ``jax_setup``'s trainer on its batch; the (donated)
+    state lives in ``js["state"]``."""
+
+    def step() -> Any:
+        js["state"], out = js["trainer"].train_step(js["state"], js["batch"], js["rel"])
+        return out["loss"]
+
+    return step
+
+
+def torch_train_step(tmodel: Any, batch: dict[str, np.ndarray], rel_np: dict) -> Any:
+    """``step() -> loss``: one ``torch_roc.make_train_step`` step of ``tmodel`` (train mode)."""
+    import torch
+    from torch_roc import make_train_step
+
+    tmodel.train()
+    return functools.partial(make_train_step(tmodel), torch_batch(batch),
+                             torch.from_numpy(rel_np["embeddings"]),
+                             torch.from_numpy(rel_np["mask"]))
+
+
 def parity(js: dict, tmodel: Any, batch: dict[str, np.ndarray], rel_np: dict) -> float:
     """Max |logits_jax - logits_torch| in eval mode (no dropout) on ``batch``: same model?"""
     import torch
@@ -458,23 +480,16 @@ def order_effect(args: argparse.Namespace) -> dict[str, Any]:
     whether a PyTorch or a JAX step ran just before it."""
     import jax
     import torch
-    from torch_roc import make_train_step
 
     torch.set_num_threads(os.cpu_count())
     shared = shared_pieces()
     batch = synthetic_batch(BATCH, LENGTH)
     model, tcfg, _ = build_roc(shared, False)
-    tmodel = build_torch(model, tcfg, None)
-    tmodel.train()
-    tstep = functools.partial(make_train_step(tmodel), torch_batch(batch),
-                              torch.from_numpy(shared.relations_np["embeddings"]),
-                              torch.from_numpy(shared.relations_np["mask"]))
-    js = jax_setup(model, batch, shared.relations_np)
-    holder = {"state": js["state"]}
+    tstep = torch_train_step(build_torch(model, tcfg, None), batch, shared.relations_np)
+    step = jax_train_step(jax_setup(model, batch, shared.relations_np))
 
     def jstep() -> None:
-        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
-        jax.block_until_ready(out["loss"])
+        jax.block_until_ready(step())
 
     jstep()
     tstep()
@@ -521,33 +536,22 @@ def side_child(args: argparse.Namespace) -> None:
     fns: dict[str, Any] = {}
     if args.side == "torch":
         import torch
-        from torch_roc import make_train_step
 
         torch.set_num_threads(os.cpu_count())
-        tb = torch_batch(batch)
-        trel = torch.from_numpy(shared.relations_np["embeddings"])
-        tmask = torch.from_numpy(shared.relations_np["mask"])
         js = jax_setup(model, batch, shared.relations_np)  # the parity reference only
         out["parity"] = {}
         for side, prune in (("torch", False), ("torch_pruned", True)):
             tmodel = build_torch(model, tcfg, vcfg, prune=prune)
             out["parity"][side] = parity(js, tmodel, batch, shared.relations_np)
-            tmodel.train()
-            fns[side] = functools.partial(make_train_step(tmodel), tb, trel, tmask)
+            fns[side] = torch_train_step(tmodel, batch, shared.relations_np)
         out["torch_num_threads"] = torch.get_num_threads()
         out["attn"] = tmodel.text.config._attn_implementation
         del js, model
     else:
         for side, prune in (("jax", True), ("jax_full", False)):
-            js = jax_setup(model if prune else build_roc(shared, image, prune=False)[0], batch,
-                           shared.relations_np)
-            holder = {"state": js["state"], "js": js}
-
-            def jax_step(holder=holder):
-                holder["state"], res = holder["js"]["trainer"].train_step(
-                    holder["state"], holder["js"]["batch"], holder["js"]["rel"])
-                return res["loss"]
-
+            jax_step = jax_train_step(jax_setup(
+                model if prune else build_roc(shared, image, prune=False)[0], batch,
+                shared.relations_np))
             t0 = time.perf_counter()
             jax.block_until_ready(jax_step())
             out[f"{side}_compile_and_first_step_s"] = time.perf_counter() - t0
@@ -648,20 +652,14 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
             if edit is not None:
                 edit(model)
             js = jax_setup(model, batch, shared.relations_np)
-            holder = {"state": js["state"]}
-
-            def step():
-                holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"],
-                                                                js["rel"])
-                return out["loss"]
-
+            step = jax_train_step(js)
             t0 = time.perf_counter()
             jax.block_until_ready(step())
         res[label] = {"compile_and_first_step_s": time.perf_counter() - t0}
         fns[label] = step
         if label == "baseline":
             def fwd():
-                return js["trainer"].eval_step(holder["state"]["params"], js["batch"],
+                return js["trainer"].eval_step(js["state"]["params"], js["batch"],
                                                js["rel"])["logits"]
 
             jax.block_until_ready(fwd())
@@ -819,20 +817,14 @@ def profile_train(shared: Shared, image_size: int, out_txt: Path) -> dict[str, A
     kind = f"multimodal (DINOv2-S/14 at {image_size} px)" if image_size else "text"
     title = f"JAX {kind} train step (minilm-l6, batch {BATCH} x {LENGTH})"
     js = jax_setup(model, batch, shared.relations_np)
-    holder = {"state": js["state"]}
     cells = {type(c.cell_contents).__name__: c.cell_contents
              for c in js["trainer"].train_step.__closure__}
     jit_train, rest = cells["PjitFunction"], cells["State"]
-
-    def step():
-        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
-        return out["loss"]
-
-    jax_ready = step()  # compile
+    step = jax_train_step(js)
     import jax
 
-    jax.block_until_ready(jax_ready)
-    return profile_step(step, jit_train, (holder["state"], rest, js["batch"], js["rel"]),
+    jax.block_until_ready(step())  # compile
+    return profile_step(step, jit_train, (js["state"], rest, js["batch"], js["rel"]),
                         out_txt, title)
 
 
@@ -1039,13 +1031,7 @@ def jax_text_child(args: argparse.Namespace) -> None:
 
     shared = shared_pieces()
     model = build_roc(shared, image=False)[0]
-    js = jax_setup(model, synthetic_batch(BATCH, LENGTH), shared.relations_np)
-    holder = {"state": js["state"]}
-
-    def step():
-        holder["state"], out = js["trainer"].train_step(holder["state"], js["batch"], js["rel"])
-        return out["loss"]
-
+    step = jax_train_step(jax_setup(model, synthetic_batch(BATCH, LENGTH), shared.relations_np))
     t0 = time.perf_counter()
     jax.block_until_ready(step())
     compile_s = time.perf_counter() - t0
@@ -1272,27 +1258,14 @@ def main() -> None:
         result["profile"]["multimodal"] = profile_train(shared, args.image_size,
                                                         profiles / "multimodal_train_step.txt")
         stamp("profile")
-    if "compile" in parts:
-        result["compile"] = compile_epoch(shared)
-        stamp("compile")
-    if "retrieval" in parts:
-        result["retrieval"] = retrieval(shared, args)
-        stamp("retrieval")
-    if "memory" in parts:
-        result["memory"] = memory(args)
-        stamp("memory")
-    if "flags" in parts:
-        result["flags"] = flags_sweep(args)
-        stamp("flags")
-    if "malloc" in parts:
-        result["malloc"] = malloc_ab(args)
-        stamp("malloc")
-    if "torch_env" in parts:
-        result["torch_env"] = torch_env_ab(args)
-        stamp("torch_env")
-    if "order" in parts:
-        result["order"] = order_effect(args)
-        stamp("order")
+    later_parts = {"compile": lambda: compile_epoch(shared),
+                   "retrieval": lambda: retrieval(shared, args), "memory": lambda: memory(args),
+                   "flags": lambda: flags_sweep(args), "malloc": lambda: malloc_ab(args),
+                   "torch_env": lambda: torch_env_ab(args), "order": lambda: order_effect(args)}
+    for part, run in later_parts.items():
+        if part in parts:
+            result[part] = run()
+            stamp(part)
     out = Path(args.out)
     if args.keep and out.exists():
         old = json.loads(out.read_text())

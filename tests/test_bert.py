@@ -67,42 +67,36 @@ def test_tiny_parity_with_padding():
     np.testing.assert_allclose(np.asarray(pooled), out.pooler_output.numpy(), atol=1e-4, rtol=0)
 
 
-def test_bert_layer_alone_matches_hf_layer():
-    pt = _torch_bert(TINY)
-    config = BertConfig.from_hf(pt.config.to_dict())
-    model = BertEncoder(config, rngs=nnx.Rngs(0))
-    weights.load_from_state_dict(model, pt.state_dict(), weights.bert_name_map, "bert")
-    layer: BertLayer = model.layers[1]
-    layer.eval()
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 7, 32)).astype(np.float32)
-    mask = np.array([[1] * 7, [1] * 4 + [0] * 3])
-    ext = (1.0 - torch.from_numpy(mask).float())[:, None, None, :] * torch.finfo(torch.float32).min
-    with torch.inference_mode():
-        ref = pt.encoder.layer[1](torch.from_numpy(x), attention_mask=ext)
-    ref = ref[0] if isinstance(ref, tuple) else ref
-    ours = layer(jnp.asarray(x), jnp.asarray(mask))
-    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("attention_impl", ["einsum", "fused"])
-def test_bert_layer_on_chosen_positions_matches_hf_layer_there(attention_impl):
-    """``queries [B, Q]`` computes the layer's output at those positions alone (each attending to
-    every unmasked key): HF's full layer output gathered at the same positions."""
+def _layer_and_hf_output(seed: int, attention_impl: str = "einsum"):
+    """Layer 1 of a tiny BERT with HF's weights (eval mode), a padded input ``x [2, 7, 32]``,
+    its mask and HF's layer output on it."""
     pt = _torch_bert(TINY)
     config = BertConfig.from_hf({**pt.config.to_dict(), "attention_impl": attention_impl})
     model = BertEncoder(config, rngs=nnx.Rngs(0))
     weights.load_from_state_dict(model, pt.state_dict(), weights.bert_name_map, "bert")
     layer: BertLayer = model.layers[1]
     layer.eval()
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=(2, 7, 32)).astype(np.float32)
     mask = np.array([[1] * 7, [1] * 4 + [0] * 3])
-    queries = np.array([[0, 6, 3], [2, 2, 5]])  # any positions, repeated or padded ones too
     ext = (1.0 - torch.from_numpy(mask).float())[:, None, None, :] * torch.finfo(torch.float32).min
     with torch.inference_mode():
         ref = pt.encoder.layer[1](torch.from_numpy(x), attention_mask=ext)
-    ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
+    return layer, x, mask, (ref[0] if isinstance(ref, tuple) else ref).numpy()
+
+
+def test_bert_layer_alone_matches_hf_layer():
+    layer, x, mask, ref = _layer_and_hf_output(1)
+    ours = layer(jnp.asarray(x), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention_impl", ["einsum", "fused"])
+def test_bert_layer_on_chosen_positions_matches_hf_layer_there(attention_impl):
+    """``queries [B, Q]`` computes the layer's output at those positions alone (each attending to
+    every unmasked key): HF's full layer output gathered at the same positions."""
+    layer, x, mask, ref = _layer_and_hf_output(2, attention_impl)
+    queries = np.array([[0, 6, 3], [2, 2, 5]])  # any positions, repeated or padded ones too
     ours = layer(jnp.asarray(x), jnp.asarray(mask), jnp.asarray(queries))
     assert ours.shape == (2, 3, 32)
     np.testing.assert_allclose(np.asarray(ours), np.take_along_axis(ref, queries[..., None], 1),
