@@ -26,7 +26,8 @@ machine's description and a ``summary``):
 - ``variants``: the text step with one change at a time, prototyped inside this process (library
   files untouched) to show where the time goes: forward only, no dropout, no attention-probability
   dropout, dropout masks from the ``rbg`` PRNG, the library before its dropout and GELU changes
-  (``nnx_dropout``, ``erfc_gelu``, ``before``), and bfloat16 compute (``bf16``, and
+  (``nnx_dropout``, ``erfc_gelu``, ``before``), the dense layers' kernel gradient as autodiff
+  writes it (``generic_kernel_gradient``), and bfloat16 compute (``bf16``, and
   ``bf16_f32_accumulation`` with the dense products accumulated and returned in float32).
 - ``profile``: a ``jax.profiler`` trace of the text step and of the multimodal one, the XLA ops'
   durations summed by kind (matmul, dropout random bits, ...) and phase (forward / backward /
@@ -625,6 +626,9 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
       word per element, a divide by ``keep``) in place of ``layers.Dropout``'s.
     - ``erfc_gelu``: ``jax.nn.gelu(approximate=False)`` (the erfc form) in place of the erf one.
     - ``before``: both of the last two: the library before the change of 2026-11-27.
+    - ``generic_kernel_gradient``: the dense layers' product as plain ``jax.lax.dot_general``
+      (autodiff's kernel gradient, which XLA:CPU runs on its generic dot) in place of
+      ``layers.dense_dot_general``.
     - ``bf16``: the model with bfloat16 compute (``dtype``; float32 parameters), as on a GPU.
     - ``bf16_f32_accumulation``: that, with the dense layers' products asking XLA for float32
       results (``preferred_element_type``) and rounding them to bfloat16: on this CPU such a
@@ -709,6 +713,8 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
         "nnx_dropout": {"ctx": nnx_dropout()},
         "erfc_gelu": {"ctx": erfc_gelu()},
         "before": {"ctx": before()},
+        "generic_kernel_gradient": {"ctx": patched(layers, "dense_dot_general",
+                                                   jax.lax.dot_general)},
         "bf16": {"dtype": jnp.bfloat16},
         "bf16_f32_accumulation": {"dtype": jnp.bfloat16, "ctx": f32_accumulation()},
     }
@@ -1180,7 +1186,9 @@ def main() -> None:
     ap.add_argument("--mm-repeats", type=int, default=3, help="timed blocks, multimodal")
     ap.add_argument("--variant-repeats", type=int, default=3, help="timed blocks, variants")
     ap.add_argument("--variants", default="no_dropout,no_attention_dropout,rbg_dropout,"
-                    "nnx_dropout,erfc_gelu,before,bf16,bf16_f32_accumulation", help="which prototyped changes to time next to the baseline")
+                    "nnx_dropout,erfc_gelu,before,generic_kernel_gradient,bf16,"
+                    "bf16_f32_accumulation",
+                    help="which prototyped changes to time next to the baseline")
     ap.add_argument("--matmul", type=int, default=2048)
     ap.add_argument("--memory-steps", type=int, default=200)
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)

@@ -1,7 +1,10 @@
-"""The shared layers' own formulas: the erf GELU (against PyTorch's) and the dropout's masks
-(unrolled threefry against JAX's, rate, independence, modes, gradient)."""
+"""The shared layers' own formulas: the erf GELU (against PyTorch's), the dropout's masks
+(unrolled threefry against JAX's, rate, independence, modes, gradient) and the dense layers'
+product (its gradients against autodiff of ``jax.lax.dot_general``, the products it compiles to)."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import pytest
 from flax import nnx
 
 from roc_jax.models.dropout import Dropout, keep_mask, threefry2x32
-from roc_jax.models.layers import activation
+from roc_jax.models.layers import activation, dense, dense_dot_general
 
 
 def test_gelu_matches_torch_exact_gelu():
@@ -118,3 +121,65 @@ def test_gradient_barrier_is_the_identity_with_a_materialized_gradient():
     # a non-finite gradient stays non-finite (all NaN)
     g = jax.grad(lambda v: (gradient_barrier(v) * jnp.where(v == v[0, 0, 0], jnp.inf, 1.0)).sum())(x)
     assert np.isnan(np.asarray(g)).all()
+
+
+def _product_grads(dot_general, x, kernel, g):
+    def loss(x, kernel):
+        y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return jnp.sum(y * g)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+
+
+@pytest.mark.parametrize("x_shape, n", [((4, 9, 6), 10), ((4, 9, 10), 6), ((7, 8), 8)],
+                         ids=["K<N", "K>N", "K=N-2d"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_product_gradients_match_autodiff(x_shape, n, dtype):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    kernel = jnp.asarray(rng.standard_normal((x_shape[-1], n)), dtype)
+    g = jnp.asarray(rng.standard_normal((*x_shape[:-1], n)), dtype)
+    ours = _product_grads(dense_dot_general, x, kernel, g)
+    ref = _product_grads(jax.lax.dot_general, x, kernel, g)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.max(jnp.abs(b))))
+
+
+def test_dense_product_other_arguments_are_plain_dot_general():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 5)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((5, 4)), jnp.bfloat16)
+    dims = (((1,), (0,)), ((), ()))
+    ours = dense_dot_general(x, kernel, dims, preferred_element_type=jnp.float32)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_array_equal(ours, jax.lax.dot_general(x, kernel, dims,
+                                                            preferred_element_type=jnp.float32))
+    # contracting the kernel's last axis is not the dense layer's product: passed through too
+    np.testing.assert_array_equal(dense_dot_general(x, kernel.T, (((1,), (1,)), ((), ()))),
+                                  x @ kernel)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the product's CPU form")
+def test_dense_layer_gradients_compile_to_last_axis_products():
+    """Why ``dense_dot_general`` exists: on a CPU, every product of a dense layer's train step
+    contracts its left operand's last axis (XLA:CPU's fast matmul path takes no other); autodiff
+    of ``jax.lax.dot_general`` compiles the kernel gradient to one contracting axis 0."""
+    def lhs_contractions(layer):
+        x = jnp.ones((2, 16, 8), jnp.float32)
+        graphdef, params = nnx.split(layer)
+
+        def loss(params, x):
+            return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+        found = re.findall(r"= f32\[([\d,]+)\]\{[\d,]+\} dot\((.*?)lhs_contracting_dims=\{(\d+)\}",
+                           hlo)
+        assert found, "no product in the compiled gradient"
+        return {int(axis) for *_, axis in found}
+
+    ours = dense(8, 32, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    plain = nnx.Linear(8, 32, rngs=nnx.Rngs(0))
+    assert 0 in lhs_contractions(plain)  # the generic product this layer avoids
+    assert lhs_contractions(ours) <= {1, 2}  # x [2, 16, 8] (axis 2) and 2-d views (axis 1)

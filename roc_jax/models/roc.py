@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from roc_jax.models.bert import BertConfig, BertEncoder, BertLayer
+from roc_jax.models.layers import dense
 
 Array = jax.Array
 
@@ -142,7 +143,7 @@ class ROC(nnx.Module):
         if image_encoder is not None:
             if image_dim is None:
                 raise ValueError("image_dim (the ViT hidden size) is required with an image tower")
-            self.image_proj = _dense(image_dim, d, dtype, rngs)
+            self.image_proj = dense(image_dim, d, dtype=dtype, rngs=rngs)
             # Tells the fusion layers which tokens are image patches (the text has position
             # and token-type embeddings; the image tokens had only the ViT's own).
             self.image_type = nnx.Param(jnp.zeros((d,), jnp.float32))
@@ -151,11 +152,11 @@ class ROC(nnx.Module):
             self.image_type = None
         self.fusion = nnx.List([BertLayer(tc, dtype=dtype, rngs=rngs)
                                 for _ in range(config.fusion_layers)])
-        self.pair_mlp = _dense(2 * d, d, dtype, rngs)
+        self.pair_mlp = dense(2 * d, d, dtype=dtype, rngs=rngs)
         self.pair_norm = nnx.LayerNorm(d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         if config.head == "retrieval":
-            self.pair_proj = _dense(d, config.proj_dim, dtype, rngs)
-            self.rel_proj = _dense(config.description_dim, config.proj_dim, dtype, rngs)
+            self.pair_proj = dense(d, config.proj_dim, dtype=dtype, rngs=rngs)
+            self.rel_proj = dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
             self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
                                                          jnp.float32))
             self.relation_bias = (nnx.Param(jnp.zeros((config.num_relations,), jnp.float32))
@@ -164,7 +165,7 @@ class ROC(nnx.Module):
         else:
             self.pair_proj = self.rel_proj = self.log_temperature = None
             self.relation_bias = None
-            self.classifier = _dense(d, config.num_relations, dtype, rngs)
+            self.classifier = dense(d, config.num_relations, dtype=dtype, rngs=rngs)
         if config.train_description_tower and description_encoder is None:
             raise ValueError("model.train_description_tower=True needs a description encoder")
         self.description = description_encoder if config.train_description_tower else None
@@ -338,9 +339,6 @@ class ROC(nnx.Module):
         return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
 
 
-def _dense(i: int, o: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 PRETRAINED_PREFIXES = ("text", "vision", "description")
