@@ -81,7 +81,9 @@ def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
     MiniLM text train step went from 24.8 to 28.6 examples/s (``benchmarks/train_step.py``,
     ``generic_kernel_gradient`` in its variants).
     Any other product (other dimension numbers, a precision or result type, a sharded result),
-    and every product on a GPU or TPU, is ``jax.lax.dot_general`` itself.
+    and every product on a GPU or TPU, is ``jax.lax.dot_general`` itself. Being a
+    ``jax.custom_vjp``, the CPU form has reverse-mode derivatives only: ``jax.jvp`` and
+    ``jax.jacfwd`` through a dense layer on a CPU raise (nothing in roc_jax uses them).
     """
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     if (jax.default_backend() == "cpu" and rhs.ndim == 2 and lhs.ndim >= 1
