@@ -339,8 +339,6 @@ class ROC(nnx.Module):
         return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
 
 
-
-
 PRETRAINED_PREFIXES = ("text", "vision", "description")
 
 
