@@ -640,7 +640,7 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
     from flax import nnx
 
     from roc_jax import train_lib
-    from roc_jax.models import bert, layers
+    from roc_jax.models import layers
 
     fns, res = {}, {}
 
@@ -692,17 +692,8 @@ def variants(shared: Shared, batch: dict, args: argparse.Namespace, flops: float
         return jax.lax.dot_general(a, b, dims, precision=precision,
                                    preferred_element_type=jnp.float32, **kw).astype(a.dtype)
 
-    def f32_accumulating_dense(in_f: int, out_f: int, *, dtype: Any, rngs: Any,
-                               bias: bool = True) -> Any:
-        return nnx.Linear(in_f, out_f, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                          kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
-                          dot_general=f32_products)
-
-    @contextlib.contextmanager
-    def f32_accumulation():  # the encoders' and fusion layers' dense layers
-        with patched(layers, "dense", f32_accumulating_dense), \
-                patched(bert, "dense", f32_accumulating_dense):
-            yield
+    def f32_accumulation() -> Any:  # every dense layer's product (layers.dense reads it)
+        return patched(layers, "dense_dot_general", f32_products)
 
     selected = args.variants.split(",")
     table = {

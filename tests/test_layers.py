@@ -174,10 +174,9 @@ def test_dense_layer_gradients_compile_to_last_axis_products():
             return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
 
         hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
-        found = re.findall(r"= f32\[([\d,]+)\]\{[\d,]+\} dot\((.*?)lhs_contracting_dims=\{(\d+)\}",
-                           hlo)
+        found = re.findall(r"\} dot\(.*?lhs_contracting_dims=\{(\d+)\}", hlo)
         assert found, "no product in the compiled gradient"
-        return {int(axis) for *_, axis in found}
+        return {int(axis) for axis in found}
 
     ours = dense(8, 32, dtype=jnp.float32, rngs=nnx.Rngs(0))
     plain = nnx.Linear(8, 32, rngs=nnx.Rngs(0))

@@ -86,7 +86,7 @@ def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
     ``jax.jacfwd`` through a dense layer on a CPU raise (nothing in roc_jax uses them).
     """
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-    if (jax.default_backend() == "cpu" and rhs.ndim == 2 and lhs.ndim >= 1
+    if (jax.default_backend() == "cpu" and rhs.ndim == 2
             and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
             and not lhs_batch and not rhs_batch and precision is None
             and preferred_element_type is None and out_sharding is None
