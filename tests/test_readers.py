@@ -110,15 +110,27 @@ def test_bad_line_strict_raises_with_file_line_field(mnre_root, case, rewrite, r
     assert str(error).startswith(f"{path}:5: field '{field}': ")
 
 
-def test_unreadable_image_both_modes(mnre_root):
+@pytest.mark.parametrize("content", [b"not a jpeg", "truncated"], ids=["garbage", "truncated"])
+def test_unreadable_image_keeps_its_sample(mnre_root, content):
     path = mnre_root / "mnre_train.txt"
     record = ast.literal_eval(_lines(path)[0])
-    (mnre_root / "img_org" / "train" / record["img_id"]).write_bytes(b"not a jpeg")
+    image = mnre_root / "img_org" / "train" / record["img_id"]
+    if content == "truncated":  # a JPEG cut short: its header is fine, its pixels are not
+        content = image.read_bytes()[: image.stat().st_size // 2]
+    image.write_bytes(content)
     result = mnre.read_mnre_split(mnre_root, "train")
-    assert result.skipped == collections.Counter({"unreadable_image": 1})
-    assert len(result.samples) == 39
-    with pytest.raises(DataError, match=r"mnre_train.txt:1: field 'img_id': image .* unreadable"):
-        mnre.read_mnre_split(mnre_root, "train", strict=True, allow_missing_images=True)
+    # The sample stays (text intact), its image is masked and counted apart from missing ones.
+    assert sum(result.skipped.values()) == 0 and len(result.samples) == 40
+    first = result.samples[0]
+    assert first.source == "mnre_train.txt:1" and first.image_path is None
+    assert result.unreadable_images == 1 and result.missing_images == 13
+    assert result.summary()["unreadable_image"] == 1
+    assert sum(s.image_path is None for s in result.samples) == 14
+    with pytest.raises(DataError, match=r"mnre_train.txt:1: field 'img_id': image .* unreadable "
+                                        r"\(.*\) \[unreadable_image\]"):
+        mnre.read_mnre_split(mnre_root, "train", strict=True)
+    assert len(mnre.read_mnre_split(mnre_root, "train", strict=True,
+                                    allow_missing_images=True).samples) == 40
 
 
 def test_missing_image_is_counted_not_skipped(mnre_root):
@@ -281,5 +293,5 @@ def test_skips_are_logged_with_counts(mnre_root, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"skipping {path}:1: field 'relation'") for m in messages)
     assert any(m.startswith(f"skipping {path}:2: field '<line>'") for m in messages)
-    assert (f"read {path}: 16 lines, 14 samples, 5 missing images, skipped "
-            "{'unknown_label': 1, 'malformed_line': 1}") in messages
+    assert (f"read {path}: 16 lines, 14 samples, 5 missing images, 0 unreadable images "
+            "(masked), skipped {'unknown_label': 1, 'malformed_line': 1}") in messages

@@ -55,25 +55,27 @@ def read_mnre(path: str | Path, rel2id: dict[str, int], image_dir: str | Path | 
         image counts as missing).
       strict: raise ``reading.DataError`` (file, line, field, reason) on the first bad line,
         instead of skipping and counting it.
-      allow_missing_images: in ``strict`` mode, keep samples whose image file is missing.
-      check_images: decode-check each existing image (``PIL.Image.verify``).
+      allow_missing_images: in ``strict`` mode, keep samples whose image file is missing or
+        does not decode.
+      check_images: decode each existing image (at reduced scale); one that does not decode is
+        masked like a missing one and counted in ``ReadResult.unreadable_images``.
 
     Returns:
       ``ReadResult`` with the samples in file order and the skip counts by reason.
     """
     image_dir = Path(image_dir) if image_dir is not None else None
-    return read_lines(path, lambda c: _parse(c, rel2id, image_dir, check_images), dataset="MNRE", strict=strict,
-                      allow_missing_images=allow_missing_images)
+    return read_lines(path, lambda c: _parse(c, rel2id, image_dir), dataset="MNRE",
+                      strict=strict, allow_missing_images=allow_missing_images,
+                      check_images=check_images)
 
 
-def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None,
-           check_images: bool) -> Sample:
+def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None) -> Sample:
     tokens = c.tokens("token")
     head_name, head_span = c.span("h", tokens)
     tail_name, tail_span = c.span("t", tokens)
     img_id = c.get("img_id", kind=str)
     return make_sample(c, tokens, Entity(head_name, span=head_span),
-                       Entity(tail_name, span=tail_span), img_id, rel2id, image_dir, check_images)
+                       Entity(tail_name, span=tail_span), img_id, rel2id, image_dir)
 
 
 def read_mnre_split(root: str | Path, split: str, strict: bool = False, *,

@@ -91,12 +91,13 @@ def read_more(path: str | Path, rel2id: dict[str, int], image_dir: str | Path | 
       ``ReadResult``; each tail is ``Entity(name, span=None, box=(x0, y0, x1, y1))``.
     """
     image_dir = Path(image_dir) if image_dir is not None else None
-    return read_lines(path, lambda c: _parse(c, rel2id, image_dir, objects, check_images), dataset="MORE", strict=strict,
-                      allow_missing_images=allow_missing_images)
+    return read_lines(path, lambda c: _parse(c, rel2id, image_dir, objects), dataset="MORE",
+                      strict=strict, allow_missing_images=allow_missing_images,
+                      check_images=check_images)
 
 
 def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None,
-           objects: dict[str, dict[str, Any]] | None, check_images: bool) -> Sample:
+           objects: dict[str, dict[str, Any]] | None) -> Sample:
     tokens = c.tokens("token")
     head_name, head_span = c.span("h", tokens)
     tail_name = c.get("t", "name", kind=str)
@@ -116,7 +117,7 @@ def _parse(c: LineChecker, rel2id: dict[str, int], image_dir: Path | None,
     except ValueError as e:
         raise c.error("t.box", str(e), "bad_box") from None
     return make_sample(c, tokens, Entity(head_name, span=head_span), Entity(tail_name, box=box),
-                       img_id, rel2id, image_dir, check_images)
+                       img_id, rel2id, image_dir)
 
 
 def read_more_split(root: str | Path, split: str, strict: bool = False, *,

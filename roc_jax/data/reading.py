@@ -12,13 +12,15 @@ Skip reasons (the keys of ``ReadResult.skipped``):
 - ``span_out_of_range``: a token span ``[start, end)`` outside ``0 <= start < end <= len(tokens)``;
 - ``span_name_mismatch``: the span's tokens do not spell the entity's name (see ``names_match``);
 - ``bad_box``: an image-object box that is not 4 finite numbers inside the image;
-- ``unknown_label``: a relation that is not in the label file;
-- ``unreadable_image``: the image file exists but cannot be decoded.
+- ``unknown_label``: a relation that is not in the label file.
 
 A *missing* image is not a skip: the sample is kept with ``image_path=None`` and counted in
-``ReadResult.missing_images`` (the model masks the image out). ``strict`` mode raises on it too
-unless ``allow_missing_images=True``, because a user who asks for strictness on a full download
-wants to hear about a lost file.
+``ReadResult.missing_images`` (the model masks the image out). An *unreadable* image (the file
+exists but does not decode) is treated the same way, counted apart in
+``ReadResult.unreadable_images`` (``unreadable_image`` in the summary): one corrupt JPEG costs its
+sample's image, never the sample's text. ``strict`` mode raises on both unless
+``allow_missing_images=True``, because a user who asks for strictness on a full download wants to
+hear about a lost or broken file.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ SKIP_REASONS = (
     "span_name_mismatch",
     "bad_box",
     "unknown_label",
-    "unreadable_image",
 )
 
 
@@ -57,7 +58,7 @@ class DataError(ValueError):
         self.line = line
         self.field = field
         self.reason = reason
-        self.kind = kind  # one of SKIP_REASONS, or "missing_image"
+        self.kind = kind  # one of SKIP_REASONS, "missing_image" or "unreadable_image"
         super().__init__(f"{file}:{line}: field '{field}': {reason} [{kind}]")
 
 
@@ -66,8 +67,9 @@ class ReadResult:
     """What a reader returns: the good samples and an account of everything else.
 
     ``skipped`` counts dropped lines by reason (``SKIP_REASONS``); ``missing_images`` counts kept
-    samples whose image file does not exist (``Sample.image_path is None``); ``num_lines`` counts
-    the non-blank lines read, so ``num_lines == len(samples) + sum(skipped.values())``.
+    samples whose image file does not exist and ``unreadable_images`` those whose file does not
+    decode (both have ``Sample.image_path is None``); ``num_lines`` counts the non-blank lines
+    read, so ``num_lines == len(samples) + sum(skipped.values())``.
     """
 
     samples: list[Sample]
@@ -75,6 +77,7 @@ class ReadResult:
     missing_images: int
     num_lines: int
     path: str = ""
+    unreadable_images: int = 0
 
     def summary(self) -> dict[str, Any]:
         """JSON-able counts, as stored in the TFDS metadata."""
@@ -83,6 +86,7 @@ class ReadResult:
             "lines": self.num_lines,
             "samples": len(self.samples),
             "missing_images": self.missing_images,
+            "unreadable_image": self.unreadable_images,
             "skipped": {reason: int(self.skipped.get(reason, 0)) for reason in SKIP_REASONS},
         }
 
@@ -175,19 +179,28 @@ def names_match(span_text: str, name: str) -> bool:
     return a == b or a.lstrip("#@") == b.lstrip("#@")
 
 
+# Side of the reduced-scale decode that checks an image: JPEG decodes at 1/8 scale in the DCT
+# domain (cheap), and every byte of the file is still read, so a truncated file fails too.
+_CHECK_SIZE = 64
+
+
 def check_image(path: Path) -> str | None:
-    """``None`` when ``path`` decodes as an image, else the reason it does not."""
+    """``None`` when ``path`` decodes as an image, else the reason it does not.
+
+    A full decode (at reduced scale), not ``Image.verify``: verify passes a truncated JPEG, which
+    fails later when the pixels are read.
+    """
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.draft("RGB", (_CHECK_SIZE, _CHECK_SIZE))
+            image.load()
     except Exception as e:  # PIL raises many exception types for a corrupt file.
         return f"{type(e).__name__}: {e}"
     return None
 
 
-def resolve_image(checker: LineChecker, image_dir: Path | None, img_id: str,
-                  check: bool) -> Path | None:
-    """The image's path, ``None`` when the file does not exist; raises when it is unreadable."""
+def resolve_image(checker: LineChecker, image_dir: Path | None, img_id: str) -> Path | None:
+    """The image's path, ``None`` when the file does not exist (``read_lines`` decodes it)."""
     if image_dir is None:
         return None
     if Path(img_id).name != img_id or img_id in ("", ".", ".."):
@@ -195,22 +208,16 @@ def resolve_image(checker: LineChecker, image_dir: Path | None, img_id: str,
     path = image_dir / img_id
     if not path.is_file():
         return None
-    if check:
-        reason = check_image(path)
-        if reason is not None:
-            raise checker.error("img_id", f"image {path} is unreadable ({reason})",
-                                "unreadable_image")
     return path
 
 
 def make_sample(checker: LineChecker, tokens: tuple[str, ...], head: Entity, tail: Entity,
-                img_id: str, rel2id: dict[str, int], image_dir: Path | None,
-                check_images: bool) -> Sample:
+                img_id: str, rel2id: dict[str, int], image_dir: Path | None) -> Sample:
     """The checks every reader shares (relation in the label file, image resolved) -> a Sample."""
     relation = checker.get("relation", kind=str)
     if relation not in rel2id:
         raise checker.error("relation", f"{relation!r} is not in the label file", "unknown_label")
-    image_path = resolve_image(checker, image_dir, img_id, check_images)
+    image_path = resolve_image(checker, image_dir, img_id)
     return Sample(
         tokens=tokens,
         head=head,
@@ -232,6 +239,7 @@ class Tally:
         self.samples: list[Sample] = []
         self.skipped: collections.Counter = collections.Counter()
         self.missing_images = 0
+        self.unreadable_images = 0
         self.num_lines = 0
 
     def skip(self, error: DataError) -> None:
@@ -242,30 +250,44 @@ class Tally:
         if self.skipped[error.kind] <= 3:
             log.warning("skipping %s", error)
 
-    def add(self, sample: Sample, line: int) -> None:
+    def add(self, sample: Sample, line: int, check_image_file: bool) -> None:
+        """Keeps ``sample``; an image that is missing or does not decode is dropped and counted."""
         if sample.image_path is None:
             if self.strict and not self.allow_missing_images:
                 raise DataError(self.path, line, "img_id",
                                 f"image {sample.img_id} not found", "missing_image")
             self.missing_images += 1
+        elif check_image_file and (reason := check_image(Path(sample.image_path))) is not None:
+            error = DataError(self.path, line, "img_id",
+                              f"image {sample.image_path} is unreadable ({reason})",
+                              "unreadable_image")
+            if self.strict and not self.allow_missing_images:
+                raise error
+            self.unreadable_images += 1
+            if self.unreadable_images <= 3:
+                log.warning("image masked: %s", error)
+            sample = dataclasses.replace(sample, image_path=None)
         self.samples.append(sample)
 
     def result(self) -> ReadResult:
         result = ReadResult(self.samples, self.skipped, self.missing_images, self.num_lines,
-                            str(self.path))
-        # Skips are worth a warning; a clean read is routine.
-        log.log(logging.WARNING if self.skipped else logging.INFO,
-                "read %s: %d lines, %d samples, %d missing images, skipped %s", self.path,
-                self.num_lines, len(self.samples), self.missing_images,
-                dict(self.skipped) or "none")
+                            str(self.path), self.unreadable_images)
+        # Skips and broken images are worth a warning; a clean read is routine.
+        log.log(logging.WARNING if self.skipped or self.unreadable_images else logging.INFO,
+                "read %s: %d lines, %d samples, %d missing images, %d unreadable images "
+                "(masked), skipped %s", self.path, self.num_lines, len(self.samples),
+                self.missing_images, self.unreadable_images, dict(self.skipped) or "none")
         return result
 
 
 def read_lines(path: str | Path, parse: Callable[[LineChecker], Sample], *, dataset: str,
-               strict: bool, allow_missing_images: bool) -> ReadResult:
+               strict: bool, allow_missing_images: bool, check_images: bool = True
+               ) -> ReadResult:
     """The loop every reader shares: one dict literal per line -> ``parse`` -> tally.
 
     A bad line raises in ``strict`` mode and is skipped and counted by reason otherwise.
+    ``check_images`` decodes each existing image (at reduced scale): one that does not decode is
+    masked like a missing one and counted as ``unreadable_image``.
     """
     path = Path(path)
     if not path.is_file():
@@ -281,5 +303,5 @@ def read_lines(path: str | Path, parse: Callable[[LineChecker], Sample], *, data
         except DataError as e:
             tally.skip(e)
             continue
-        tally.add(sample, number)
+        tally.add(sample, number, check_images)
     return tally.result()
