@@ -19,8 +19,6 @@ from pathlib import Path
 
 from absl import app, flags
 
-from roc_jax import host_memory
-
 FLAGS = flags.FLAGS
 
 
@@ -119,7 +117,6 @@ def _app_flags_parser(argv: list[str]) -> list[str]:
 
 def train_main() -> None:
     """``roc-train`` / ``python train.py``."""
-    host_memory.restart_with_huge_pages()  # XLA:CPU's per-step buffers on 2 MiB pages
     from ml_collections import config_flags
 
     _define_common()
@@ -152,7 +149,6 @@ def _eval(argv: list[str]) -> None:
 
 def eval_main() -> None:
     """``roc-eval`` / ``python eval.py``."""
-    host_memory.restart_with_huge_pages()  # XLA:CPU's per-step buffers on 2 MiB pages
     _define_common()
     flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval split).")
     flags.DEFINE_string("checkpoint", "best", "'best' (dev F1), 'latest' or a step number.")
@@ -209,7 +205,6 @@ def _predict(argv: list[str]) -> None:
 
 def predict_main() -> None:
     """``roc-predict`` / ``python predict.py``."""
-    host_memory.restart_with_huge_pages()  # XLA:CPU's per-step buffers on 2 MiB pages
     _define_common()
     flags.DEFINE_string("text", None, "Sentence with both entities marked: "
                         "'[[Rafael Nadal]] gets engaged to [[Mery Perello]]' (head first).")

@@ -15,7 +15,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -280,6 +279,42 @@ class Timer:
         return r
 
 
+class Progress:
+    """The training bar: epoch, loss, examples/s and an ETA from the median of the last 50 step
+    times, so that the steps that compile (the first of each batch shape) stay out of it."""
+
+    def __init__(self, total: int, initial: int, steps_per_epoch: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.steps_per_epoch, self.epochs = steps_per_epoch, -(-total // steps_per_epoch)
+        self.recent: collections.deque[float] = collections.deque(maxlen=50)
+        self.last = time.perf_counter()
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                        dynamic_ncols=True, desc=self._epoch(initial),
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                   "[{elapsed}{postfix}]")
+
+    def _epoch(self, step: int) -> str:
+        """The epoch of the step just done (``step`` steps done)."""
+        return f"epoch {min(max(step - 1, 0) // self.steps_per_epoch + 1, self.epochs)}/{self.epochs}"
+
+    def update(self, step: int) -> None:
+        now = time.perf_counter()
+        self.recent.append(now - self.last)
+        self.last = now
+        self.bar.set_description_str(self._epoch(step), refresh=False)
+        self.bar.update(1)
+
+    def set_postfix(self, **values: str) -> None:
+        left = self.bar.total - self.bar.n
+        eta = float(np.median(self.recent)) * left if self.recent else float("nan")
+        eta_text = f"{eta / 60:.0f} min" if eta >= 60 else f"{eta:.0f} s"
+        self.bar.set_postfix(collections.OrderedDict([*values.items(), ("eta", eta_text)]))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # data and descriptions
 
@@ -509,8 +544,6 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
 
     Returns ``{'step', 'dev': last dev metrics or None, 'best_step'}``.
     """
-    from tqdm import tqdm
-
     from roc_jax import checkpoint as ckpt
     from roc_jax import writers
     from roc_jax.data import pipeline
@@ -520,8 +553,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.make_mesh()
     _check_batch_sizes(config, mesh)
-    log.info("host memory (roc_jax.host_memory): GLIBC_TUNABLES=%r, malloc tuning %s",
-             os.environ.get("GLIBC_TUNABLES", ""), host_memory.status)
+    log.info("host memory: %s", host_memory.huge_pages_status())
     label_names = label_names_of(config)
     sources = load_sources(config, [config.data.train_split, config.data.eval_split])
     steps_per_epoch = _steps_per_epoch(len(sources[config.data.train_split]),
@@ -567,8 +599,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     inflight: collections.deque[jax.Array] = collections.deque()
     timer = Timer()
     dev: dict[str, Any] | None = None
-    bar = tqdm(total=stop, initial=step, disable=not (config.train.progress_bar and is_main),
-               unit="step", dynamic_ncols=True)
+    bar = Progress(stop, step, steps_per_epoch, enabled=config.train.progress_bar and is_main)
     try:
         with jax.set_mesh(mesh):
             while step < stop:
@@ -585,7 +616,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
                     inflight.popleft().block_until_ready()
                 step += 1
                 timer.add(config.train.batch_size)
-                bar.update(1)
+                bar.update(step)
                 if step % config.train.log_every == 0 or step == stop:
                     _log_step(writer, bar, pending, step, exp.trainer, timer)
                     pending = []
