@@ -206,3 +206,107 @@ def test_real_mnre_builds_offline(mnre_dir, tmp_path):
     raw_labels = json.loads((mnre_dir / "ours_rel2id.json").read_text())
     assert builder.info.features["relation"].names == id2rel(raw_labels)
     assert "tensorflow" not in sys.modules
+
+
+# ------------------------------------------------------------------------- builds keyed by input
+
+
+def _tfds_config(raw, tfds_dir):
+    from roc_testutil import load_config
+
+    config = load_config("tiny", "text")
+    config.data.raw_dir = str(raw)
+    config.data.source = "tfds"
+    config.data.tfds_dir = str(tfds_dir)
+    return config
+
+
+def _subset(full, directory, n_train):
+    """A copy of the raw folder ``full`` whose train file holds its first ``n_train`` lines."""
+    import shutil
+
+    shutil.copytree(full, directory)
+    path = directory / "mnre_train.txt"
+    path.write_text("\n".join(path.read_text().splitlines()[:n_train]) + "\n")
+    return directory
+
+
+def test_build_follows_its_input_and_reuses_identical_input(tmp_path, monkeypatch):
+    from roc_jax import train_lib
+
+    full = write_mnre_fixture(tmp_path / "full")
+    tenth = _subset(full, tmp_path / "tenth", 4)
+    tfds_dir = tmp_path / "tfds"
+    # 10 % first, then the full folder, into the same tfds_dir: each gets its own build.
+    assert len(train_lib.load_sources(_tfds_config(tenth, tfds_dir), ["train"])["train"]) == 4
+    source = train_lib.load_sources(_tfds_config(full, tfds_dir), ["train"])["train"]
+    assert len(source) == 40
+    builds = sorted(p.name for p in (tfds_dir / "mnre").glob("mnre_*"))
+    fingerprints = [train_lib.data_fingerprint(_tfds_config(raw, tfds_dir))
+                    for raw in (tenth, full)]
+    assert builds == sorted(f"mnre_s32_none_{f['sha256'][:12]}" for f in fingerprints)
+    fingerprint = fingerprints[1]
+    assert set(fingerprint["files"]) == {"ours_rel2id.json", "mnre_train.txt", "mnre_val.txt",
+                                         "mnre_test.txt"}
+    assert fingerprint["images"]["img_org/train"]["files"] == 27
+    # Identical input: the build is found, nothing is generated again.
+    def no_rebuild(self, dl_manager):
+        raise AssertionError("rebuilt although the input is the same")
+
+    monkeypatch.setattr(MnreBuilder, "_split_generators", no_rebuild)
+    again = train_lib.load_sources(_tfds_config(full, tfds_dir), ["train"])["train"]
+    assert len(again) == 40
+    builder = tfds.builder_from_directory(
+        str(tfds_dir / "mnre" / f"mnre_s32_none_{fingerprint['sha256'][:12]}" / "1.0.0"))
+    assert builder.info.metadata["input_fingerprint"] == fingerprint
+
+
+def test_images_added_later_reach_a_new_build(tmp_path):
+    import shutil
+
+    from roc_jax import train_lib
+
+    raw = write_mnre_fixture(tmp_path / "raw")
+    shutil.move(raw / "img_org", tmp_path / "images_later")
+    tfds_dir = tmp_path / "tfds"
+    source = train_lib.load_sources(_tfds_config(raw, tfds_dir), ["train"])["train"]
+    assert not any(source[i]["has_image"] for i in range(len(source)))
+    shutil.move(tmp_path / "images_later", raw / "img_org")
+    source = train_lib.load_sources(_tfds_config(raw, tfds_dir), ["train"])["train"]
+    assert sum(bool(source[i]["has_image"]) for i in range(len(source))) == 27
+
+
+def test_named_build_of_other_input_is_one_line_error(tmp_path):
+    raw = write_mnre_fixture(tmp_path / "raw")
+    config = _config("fixed", entity_types="none")
+    builder_lib.build(MnreBuilder, raw, tmp_path / "tfds", config)
+    path = raw / "mnre_train.txt"
+    path.write_text(path.read_text() + path.read_text().splitlines()[0] + "\n")
+    with pytest.raises(builder_lib.InputMismatchError) as info:
+        builder_lib.build(MnreBuilder, raw, tmp_path / "tfds", config)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{tmp_path / 'tfds' / 'mnre' / 'fixed' / '1.0.0'} was built from "
+                              f"other raw files than {raw} (mnre_train.txt changed (sha256 ")
+    assert message.endswith("delete " + str(tmp_path / "tfds" / "mnre" / "fixed" / "1.0.0") +
+                            " to rebuild it, or build into another data_dir")
+
+
+def test_real_mnre_tenth_then_full(mnre_dir, tmp_path):
+    """The real MNRE-2 train file: 10 % of it (1,224 lines) built first, then all 12,247 lines
+    into the same tfds_dir (text only: the folders hold no images)."""
+    from roc_jax import train_lib
+
+    tenth, full = tmp_path / "tenth", tmp_path / "full"
+    for folder in (tenth, full):
+        folder.mkdir()
+        for name in ("ours_rel2id.json", "mnre_val.txt"):
+            (folder / name).symlink_to(mnre_dir / name)
+    (full / "mnre_train.txt").symlink_to(mnre_dir / "mnre_train.txt")
+    lines = (mnre_dir / "mnre_train.txt").read_text().splitlines()
+    (tenth / "mnre_train.txt").write_text("\n".join(lines[: len(lines) // 10]) + "\n")
+    tfds_dir = tmp_path / "tfds"
+    for folder, expected in ((tenth, 1224), (full, 12247)):
+        config = _tfds_config(folder, tfds_dir)
+        config.data.image_size = 16
+        assert len(train_lib.load_sources(config, ["train"])["train"]) == expected

@@ -7,16 +7,24 @@ numpy array, but stores bytes as given), and ``tfds.data_source`` decodes with P
 Images are resized to ``image_size x image_size`` by stretching, not cropping: a MORE object box
 normalized to the original image then stays valid on the stored image. A missing image is stored
 as an all-zero image with ``has_image=False``.
+
+A build is keyed by its input: ``input_fingerprint`` (the sha256 of each text and label file and
+a listing of ``img_org/`` with file sizes) is stored in the dataset info's metadata, ``build``
+refuses a folder built from other files, and ``roc_jax.train_lib`` names its builds by it, so
+changed input (more lines, images added) builds anew and identical input reuses the build.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
+import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -120,8 +128,74 @@ def to_example(sample: Sample, image_size: int) -> dict:
     }
 
 
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_fingerprint(root: Path, files: Sequence[Path], image_dirs: Sequence[Path]
+                      ) -> dict[str, Any]:
+    """What a build is made from: ``{'sha256', 'files', 'images'}`` (JSON-able).
+
+    ``files``: ``{name relative to root: sha256}`` of the text, label and object files that
+    exist; ``images``: ``{folder: {'files', 'bytes', 'listing_sha256'}}`` of each image folder
+    (file names and sizes; the images are not read: a listing changes when one is added, removed
+    or replaced by a file of another size). ``sha256`` digests all of it: the build's identity.
+    """
+    root = Path(root)
+    out: dict[str, Any] = {"files": {}, "images": {}}
+    for path in files:
+        if path.is_file():
+            out["files"][_relative(path, root)] = sha256_of(path)
+    for folder in image_dirs:
+        entries = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()) \
+            if folder.is_dir() else []
+        listing = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+        out["images"][_relative(folder, root)] = {
+            "files": len(entries), "bytes": sum(size for _, size in entries),
+            "listing_sha256": listing}
+    out["sha256"] = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:  # a label file given by an absolute path elsewhere
+        return str(path)
+
+
+def fingerprint_differences(built: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences of two ``input_fingerprint`` dicts (built vs now)."""
+    diffs = []
+    for kind in ("files", "images"):
+        old, new = built.get(kind, {}), now.get(kind, {})
+        for name in sorted(set(old) | set(new)):
+            if name not in new:
+                diffs.append(f"{name} is gone")
+            elif name not in old:
+                diffs.append(f"{name} is new")
+            elif old[name] != new[name]:
+                if kind == "files":
+                    diffs.append(f"{name} changed (sha256 {old[name][:12]}... -> "
+                                 f"{new[name][:12]}...)")
+                else:
+                    diffs.append(f"{name} changed ({old[name]['files']} -> "
+                                 f"{new[name]['files']} files, {old[name]['bytes']} -> "
+                                 f"{new[name]['bytes']} bytes)")
+    return diffs or ["fingerprint differs"]
+
+
+class InputMismatchError(RuntimeError):
+    """A TFDS folder built from other raw files than the ones given now."""
+
+
 class RocBuilderMixin:
-    """Split generation shared by the builders; subclasses define ``_read(root, split, ...)``."""
+    """Split generation shared by the builders; subclasses define ``_read(root, split, ...)`` and
+    ``_input_paths(root)``."""
 
     builder_config: RocDataConfig
     info: tfds.core.DatasetInfo
@@ -136,13 +210,29 @@ class RocBuilderMixin:
     def _read(self, root: Path, split: str, rel2id: dict[str, int], strict: bool) -> ReadResult:
         raise NotImplementedError
 
-    def _label_path(self, root: Path) -> Path:
-        label = self.builder_config.label_file or self.DEFAULT_LABEL_FILE
+    @classmethod
+    def _input_paths(cls, root: Path, config: RocDataConfig) -> tuple[list[Path], list[Path]]:
+        """``(files, image folders)`` a build of ``root`` reads (those that exist or not)."""
+        raise NotImplementedError
+
+    @classmethod
+    def raw_fingerprint(cls, root: str | Path, config: RocDataConfig) -> dict[str, Any]:
+        """``input_fingerprint`` of the raw files in ``root`` that a build with ``config`` reads."""
+        root = Path(root)
+        files, image_dirs = cls._input_paths(root, config)
+        return input_fingerprint(root, [cls._label_path(root, config), *files], image_dirs)
+
+    def input_fingerprint(self, root: str | Path) -> dict[str, Any]:
+        return self.raw_fingerprint(root, self.builder_config)
+
+    @classmethod
+    def _label_path(cls, root: Path, config: RocDataConfig) -> Path:
+        label = config.label_file or cls.DEFAULT_LABEL_FILE
         return Path(label) if Path(label).is_absolute() else root / label
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = Path(dl_manager.manual_dir)
-        label_path = self._label_path(root)
+        label_path = self._label_path(root, self.builder_config)
         if not label_path.exists():
             raise FileNotFoundError(
                 f"{label_path} not found: put the raw files into the manual-download folder "
@@ -153,7 +243,7 @@ class RocBuilderMixin:
         config = self.builder_config
         typer = entity_types.make_typer(config.entity_types)
         report = {"entity_types": typer.name, "label_file": label_path.name, "splits": {},
-                  "absent_splits": []}
+                  "absent_splits": [], "input_fingerprint": self.input_fingerprint(root)}
         generators = {}
         for tfds_split, file_split in self.SPLIT_NAMES.items():
             try:
@@ -180,8 +270,24 @@ class RocBuilderMixin:
 
 def build(builder_cls, manual_dir: str | Path, data_dir: str | Path,
           config: str | RocDataConfig | None = None) -> tfds.core.DatasetBuilder:
-    """Builds (or finds built) ``builder_cls`` from the raw files in ``manual_dir``."""
+    """Builds ``builder_cls`` from the raw files in ``manual_dir``, or reuses its build.
+
+    A build is reused only when it was made from the same raw files (``input_fingerprint``);
+    a build from other files raises ``InputMismatchError`` naming the differences and the mend.
+    """
     builder = builder_cls(data_dir=str(data_dir), config=config)
+    if builder.is_prepared():
+        built = builder.info.metadata.get("input_fingerprint")
+        now = builder.input_fingerprint(manual_dir)
+        if built is None or built["sha256"] != now["sha256"]:
+            what = "; ".join(fingerprint_differences(built, now)) if built else \
+                "it records no input fingerprint"
+            raise InputMismatchError(
+                f"{builder.data_dir} was built from other raw files than {manual_dir} ({what}): "
+                f"delete {builder.data_dir} to rebuild it, or build into another data_dir")
+        log.info("reusing %s (built from the same raw files, sha256 %s)", builder.data_dir,
+                 now["sha256"][:12])
+        return builder
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
     return builder

@@ -74,6 +74,13 @@ class Builder(builder_lib.RocBuilderMixin, tfds.core.GeneratorBasedBuilder):
   booktitle={ICME}, year={2021}}""",
         )
 
+    @classmethod
+    def _input_paths(cls, root: Path, config: builder_lib.RocDataConfig
+                     ) -> tuple[list[Path], list[Path]]:
+        prefix = config.file_prefix
+        return ([mnre.split_file(root, split, prefix) for split in mnre.SPLITS],
+                [root / "img_org" / split for split in mnre.SPLITS])
+
     def _read(self, root: Path, split: str, rel2id: dict[str, int], strict: bool) -> ReadResult:
         path = mnre.split_file(root, split, self.builder_config.file_prefix)
         return mnre.read_mnre(path, rel2id, root / "img_org" / split, strict,

@@ -61,6 +61,13 @@ class Builder(builder_lib.RocBuilderMixin, tfds.core.GeneratorBasedBuilder):
   booktitle={ACM MM}, year={2023}}""",
         )
 
+    @classmethod
+    def _input_paths(cls, root: Path, config: builder_lib.RocDataConfig
+                     ) -> tuple[list[Path], list[Path]]:
+        files = [root / "txt" / f"{split}.txt" for split in more.SPLITS]
+        files += [root / f"ent_{split}_dict.pth" for split in more.SPLITS]
+        return files, [root / "img_org" / split for split in more.SPLITS]
+
     def _read(self, root: Path, split: str, rel2id: dict[str, int], strict: bool) -> ReadResult:
         objects_path = root / f"ent_{split}_dict.pth"
         objects = more.load_object_dict(objects_path) if objects_path.exists() else None
