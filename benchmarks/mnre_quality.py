@@ -5,32 +5,38 @@ DINOv2-S/14 offline weights, real MNRE-2 train, dev = ``mnre_val.txt``), with th
 setting and a seed. The checkpoint is selected on val micro-F1 (the field's protocol, ``None``
 excluded): the reported figures are those of the best dev evaluation, read from the run's
 ``dev_metrics/step_*.json``. Results accumulate in ``benchmarks/results/mnre_quality.json``
-(one entry per setting and seed; a finished entry is not rerun), so the runs can be spread over
-several sessions; the ``summary`` is recomputed from every entry each time.
+(one entry per setting, seed and budget; a finished entry is not rerun), so the runs can be
+spread over several sessions; the ``summary`` is recomputed from every entry each time.
 
     python benchmarks/mnre_quality.py --data_dir ../shared/data/mnre --runs roc:0,cls:0
-    python benchmarks/mnre_quality.py --runs all       # 3 seeds x {roc, cls} + 5 ablations
+    python benchmarks/mnre_quality.py --runs all       # 3 seeds x {roc, cls} + the ablations
     python benchmarks/mnre_quality.py --runs roc:0 --set train.lr_encoder=5e-5   # tuning on val
+    python benchmarks/mnre_quality.py --protocol low_resource --epochs 10 --runs roc:0,cls:0
+    python benchmarks/mnre_quality.py --protocol zero_shot --runs roc:0
     python benchmarks/mnre_quality.py --runs roc:0,roc:1,cls:0,cls:1 --jobs 4   # a GPU shared by 4
 
 ``--jobs N`` trains N runs at once, each in its own process (a GPU that one small model leaves
-mostly idle; each process gets 1/N of the accelerator's memory). Every entry records the jobs it
-shared the machine with, since its examples/s depends on them. ``--results`` writes another file
-(runs on another machine); ``--merge that_file`` adds its entries to this one.
+mostly idle). ``--results`` writes another file (runs on another machine); ``--merge that_file``
+adds its entries to this one.
 
-A *budget* is the number of epochs plus the ``--set`` overrides common to every setting; the
-summary compares ROC and classification within each budget, and its headline figures come from
-the budget with the most ROC and classification seeds (then the higher ROC mean).
+Protocols (``PROTOCOLS``): ``full`` (all of MNRE-2 train); ``low_resource`` (a fixed seeded
+10 % of train, the same subset for every head and seed: ``data.train_fraction``,
+``data.subset_seed``); ``zero_shot`` (every training sample of ``UNSEEN_RELATIONS`` removed and
+those relations no candidates in training; val keeps all 23 relations as candidates). A
+*budget* is the epochs plus the ``--set`` overrides plus the protocol's; the summary compares
+ROC and classification within each budget; the headline comes from the full-data budget with the
+most ROC and classification seeds (then the higher ROC mean), ``low_resource`` likewise, and
+``zero_shot`` reports F1 on the unseen relations' samples and on the rest, next to the same
+setting trained on all relations at the same budget.
 
-Settings (``SETTINGS``): ``roc`` (retrieval over the shipped descriptions, K=5), ``cls`` (softmax
-head), and the ablations ``roc_untyped`` (markers without entity types), ``roc_label_names``
-(K=1, the label path as text instead of descriptions), ``roc_one_description`` (K=1, the first
-description), ``roc_trained_descriptions`` (the description tower is trained, not frozen) and
-``roc_no_images`` (text only). Hypothesis tests (``HYPOTHESES``, not in ``--runs all``):
-``roc_centered`` (the relation set's mean description embedding subtracted before the
-projection), ``roc_lse`` (every description a positive: a relation scores the log-sum-exp of
-its K description similarities instead of the similarity to their mean) and ``roc_bias`` (a
-learned per-relation bias on the retrieval logits: the prior that a cosine cannot hold).
+Settings (``SETTINGS``): ``roc`` (the retrieval setting of ``configs/mnre.py``: ``None`` as a
+learned threshold, prototypes with per-relation offsets), ``roc_paper`` (the paper's design as
+far as it is known: ``None`` one more described prototype, prototypes a linear map of the
+descriptions), ``cls`` (the plain softmax head), ``cls_threshold`` (the softmax head with the
+same ``None`` rule as ``roc``), the steps between (``roc_threshold``, ``roc_offsets``), and
+the ablations of the paper's design (``roc_untyped``, ``roc_label_names``,
+``roc_one_description``, ``roc_trained_descriptions``, ``roc_no_images``). Retired settings
+(``RETIRED``) stay in the results file and the summary with the commit that last had their code.
 """
 
 from __future__ import annotations
@@ -50,28 +56,53 @@ from typing import Any
 
 from benchlib import machine
 
+from roc_jax.metrics import subset_prf
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "mnre_quality.json"
 DESCRIPTIONS = ROOT / "roc_jax" / "labels" / "data" / "mnre_descriptions.json"
 
 # setting -> config overrides (the ``{...}`` values are files this script writes in the workroot)
+# Each retrieval setting names its None rule and prototype freedom explicitly, so that an
+# entry means the same whatever the config's defaults are.
+PAPER = {"model.none_rule": "prototype", "model.relation_offsets": False}
+OURS = {"model.none_rule": "threshold", "model.relation_offsets": True}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "roc": {},
-    "cls": {"model.head": "classification"},
-    "roc_untyped": {"data.marker_style": "untyped"},
-    "roc_label_names": {"data.descriptions": "{label_names}"},
-    "roc_one_description": {"data.descriptions": "{one_description}"},
-    "roc_trained_descriptions": {"model.train_description_tower": True},
-    "roc_no_images": {"data.use_images": False},
-    # Hypothesis tests (tuning on val), not ablations of the paper's design.
-    "roc_centered": {"model.center_descriptions": True},
-    "roc_lse": {"model.description_mode": "lse"},
-    "roc_bias": {"model.relation_bias": True},
+    "roc": OURS,
+    "roc_paper": PAPER,
+    "roc_threshold": {"model.none_rule": "threshold", "model.relation_offsets": False},
+    "roc_offsets": {"model.none_rule": "prototype", "model.relation_offsets": True},
+    "cls": {"model.head": "classification", "model.none_rule": "prototype"},
+    "cls_threshold": {"model.head": "classification", "model.none_rule": "threshold"},
+    "roc_untyped": {**PAPER, "data.marker_style": "untyped"},
+    "roc_label_names": {**PAPER, "data.descriptions": "{label_names}"},
+    "roc_one_description": {**PAPER, "data.descriptions": "{one_description}"},
+    "roc_trained_descriptions": {**PAPER, "model.train_description_tower": True},
+    "roc_no_images": {**PAPER, "data.use_images": False},
 }
-HYPOTHESES = ("roc_centered", "roc_lse", "roc_bias")
-SEEDED = ("roc", "cls")  # 3 seeds each; the ablations one seed
+# setting -> the commit that last had its code (hypotheses that lost on val).
+RETIRED = {"roc_centered": "0139920", "roc_lse": "0139920", "roc_bias": "0139920"}
+SEEDED = ("roc", "cls")  # 3 seeds each; the rest one seed
 ALL_RUNS = [(s, seed) for s in SEEDED for seed in (0, 1, 2)] + \
-    [(s, 0) for s in SETTINGS if s not in SEEDED + HYPOTHESES]
+    [(s, 0) for s in SETTINGS if s not in SEEDED]
+
+LOW_RESOURCE_FRACTION = 0.1
+# Five relations with at least 15 val samples each, none of the three largest (which would take
+# most of the training signal with them).
+UNSEEN_RELATIONS = ("/misc/loc/held_on", "/per/loc/place_of_residence", "/org/org/subsidiary",
+                    "/per/per/couple", "/per/misc/nationality")
+PROTOCOLS: dict[str, dict[str, str]] = {
+    "full": {},
+    "low_resource": {"data.train_fraction": str(LOW_RESOURCE_FRACTION)},
+    "zero_shot": {"data.unseen_relations": repr(UNSEEN_RELATIONS)},
+}
+
+
+def protocol_of(sets: dict[str, Any]) -> str:
+    for name in ("zero_shot", "low_resource"):
+        if all(sets.get(k) == v for k, v in PROTOCOLS[name].items()):
+            return name
+    return "full"
 
 
 def label_name_text(name: str) -> str:
@@ -192,6 +223,9 @@ def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
                 "f1": 100 * dev["f1"], "accuracy": 100 * dev["accuracy"],
                 "best_step": dev["step"]},
         "val_per_relation_f1": {r["relation"]: 100 * r["f1"] for r in dev["per_relation"]},
+        "label_names": [r["relation"] for r in dev["per_relation"]],
+        "val_confusion": dev["confusion"],
+        "protocol": protocol_of(sets),
         "val_f1_by_step": dev_curve(workdir),
         "train_steps": steps,
         "train_time_s": sum(attempts),
@@ -203,49 +237,124 @@ def run_one(setting: str, seed: int, epochs: int, sets: dict[str, Any],
     }
 
 
-def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per budget: ROC and classification val F1 over seeds; the headline from the best budget."""
-    def stats(xs):
-        return (statistics.mean(xs) if xs else None,
-                statistics.stdev(xs) if len(xs) > 1 else None)
+def _stats(xs: list[float]) -> tuple[float | None, float | None]:
+    return (statistics.mean(xs) if xs else None, statistics.stdev(xs) if len(xs) > 1 else None)
 
+
+def budget_summary(group: list[dict[str, Any]]) -> dict[str, Any]:
+    """ROC (``roc``), classification (``cls``) and every other setting of one budget."""
+    names = [*SETTINGS, *RETIRED]
+    f1s = {s: [e["val"]["f1"] for e in group if e["setting"] == s] for s in names}
+    roc_m, roc_s = _stats(f1s["roc"])
+    cls_m, cls_s = _stats(f1s["cls"])
+    vs_cls = {}
+    for s, xs in f1s.items():
+        if s == "cls" or not xs or cls_m is None:
+            continue
+        m, sd = _stats(xs)
+        row = {"mean": m, "std": sd, "seeds": len(xs), "minus_cls": m - cls_m}
+        if sd is not None and cls_s is not None:
+            # "beats by more than the seeds' spread": the gap exceeds the larger std
+            row["beats_cls_beyond_spread"] = m - cls_m > max(sd, cls_s)
+        if s in RETIRED:
+            row["retired_after"] = RETIRED[s]
+        vs_cls[s] = row
+    b = {"roc_val_f1_mean": roc_m, "roc_val_f1_std": roc_s, "roc_seeds": len(f1s["roc"]),
+         "cls_val_f1_mean": cls_m, "cls_val_f1_std": cls_s, "cls_seeds": len(f1s["cls"])}
+    if f1s["cls_threshold"]:
+        b["cls_threshold_val_f1_mean"], b["cls_threshold_val_f1_std"] = \
+            _stats(f1s["cls_threshold"])
+    if "roc" in vs_cls:
+        b["roc_minus_cls"] = vs_cls["roc"]["minus_cls"]
+        if "beats_cls_beyond_spread" in vs_cls["roc"]:
+            b["roc_beats_cls_beyond_spread"] = vs_cls["roc"]["beats_cls_beyond_spread"]
+    b["per_setting_val_f1"] = {s: v for s, v in f1s.items() if v}
+    b["vs_cls"] = vs_cls
+    return b
+
+
+def _headline(budgets: dict[str, dict[str, Any]]) -> str | None:
+    """The budget with the most ROC and classification seeds, then the higher ROC mean."""
+    if not budgets:
+        return None
+    return max(budgets, key=lambda k: (min(budgets[k]["roc_seeds"], budgets[k]["cls_seeds"]),
+                                       budgets[k]["roc_seeds"] + budgets[k]["cls_seeds"],
+                                       budgets[k]["roc_val_f1_mean"] or 0.0))
+
+
+def _without_protocol(entry: dict[str, Any]) -> str:
+    """The budget an entry would have on full data (its protocol's overrides left out)."""
+    proto = PROTOCOLS[protocol_of(entry.get("sets", {}))]
+    return budget_id(entry["epochs"], {k: v for k, v in entry.get("sets", {}).items()
+                                       if k not in proto})
+
+
+def zero_shot_summary(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """F1 on the unseen relations' val samples and on the seen relations', for the ``roc``
+    setting of the zero-shot protocol, next to ``roc`` trained on all relations at the same
+    budget and seeds (``seen_f1_all_relations``: its F1 on the same seen relations)."""
+    runs = [e for e in entries if e["setting"] == "roc" and "val_confusion" in e
+            and protocol_of(e.get("sets", {})) == "zero_shot"]
+    if not runs:
+        return None
+    names = runs[0]["label_names"]
+    unseen = [names.index(r) for r in UNSEEN_RELATIONS]
+    seen = [i for i, n in enumerate(names) if n != "None" and i not in unseen]
+    full = {(e["seed"], entry_budget(e)): e for e in entries if e["setting"] == "roc"
+            and "val_confusion" in e and protocol_of(e.get("sets", {})) == "full"}
+    rows = []
+    for e in runs:
+        row = {"seed": e["seed"], "budget": entry_budget(e),
+               "unseen_f1": 100 * subset_prf(e["val_confusion"], unseen)["f1"],
+               "seen_f1": 100 * subset_prf(e["val_confusion"], seen)["f1"],
+               "all_f1": e["val"]["f1"]}
+        ref = full.get((e["seed"], _without_protocol(e)))
+        if ref is not None:
+            row["seen_f1_all_relations"] = 100 * subset_prf(ref["val_confusion"], seen)["f1"]
+        rows.append(row)
+    out = {"unseen_relations": list(UNSEEN_RELATIONS),
+           "unseen_val_samples": subset_prf(runs[0]["val_confusion"], unseen)["support"],
+           "unseen_f1": statistics.mean(r["unseen_f1"] for r in rows),
+           "seen_f1": statistics.mean(r["seen_f1"] for r in rows),
+           "seeds": len(rows), "runs": rows,
+           "classification": "cannot predict a relation it was not trained on: unseen F1 is 0"}
+    refs = [r["seen_f1_all_relations"] for r in rows if "seen_f1_all_relations" in r]
+    if len(refs) == len(rows):
+        out["seen_f1_all_relations"] = statistics.mean(refs)
+    return out
+
+
+def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per budget: ROC and classification val F1 over seeds; the headline from the best full-data
+    budget; ``low_resource`` and ``zero_shot`` objects for those protocols."""
     budgets = {}
     for budget in sorted({entry_budget(e) for e in entries}):
-        group = [e for e in entries if entry_budget(e) == budget]
-        f1s = {s: [e["val"]["f1"] for e in group if e["setting"] == s] for s in SETTINGS}
-        roc_m, roc_s = stats(f1s["roc"])
-        cls_m, cls_s = stats(f1s["cls"])
-        # Every retrieval setting of this budget against classification (hypotheses included).
-        vs_cls = {}
-        for s, xs in f1s.items():
-            if s == "cls" or not xs or cls_m is None:
-                continue
-            m, sd = stats(xs)
-            row = {"mean": m, "std": sd, "seeds": len(xs), "minus_cls": m - cls_m}
-            if sd is not None and cls_s is not None:
-                # "beats by more than the seeds' spread": the gap exceeds the larger std
-                row["beats_cls_beyond_spread"] = m - cls_m > max(sd, cls_s)
-            vs_cls[s] = row
-        b = {"roc_val_f1_mean": roc_m, "roc_val_f1_std": roc_s, "roc_seeds": len(f1s["roc"]),
-             "cls_val_f1_mean": cls_m, "cls_val_f1_std": cls_s, "cls_seeds": len(f1s["cls"]),
-             "per_setting_val_f1": {s: v for s, v in f1s.items() if v}}
-        if "roc" in vs_cls:
-            b["roc_minus_cls"] = vs_cls["roc"]["minus_cls"]
-            if "beats_cls_beyond_spread" in vs_cls["roc"]:
-                b["roc_beats_cls_beyond_spread"] = vs_cls["roc"]["beats_cls_beyond_spread"]
-        b["vs_cls"] = vs_cls
-        budgets[budget] = b
+        budgets[budget] = budget_summary([e for e in entries if entry_budget(e) == budget])
+    protocols = {entry_budget(e): protocol_of(e.get("sets", {})) for e in entries}
+
+    def pick(protocol):
+        return _headline({k: v for k, v in budgets.items() if protocols[k] == protocol})
+
+    keys = ("roc_val_f1_mean", "roc_val_f1_std", "roc_seeds", "cls_val_f1_mean",
+            "cls_val_f1_std", "cls_seeds", "cls_threshold_val_f1_mean",
+            "cls_threshold_val_f1_std", "roc_minus_cls", "roc_beats_cls_beyond_spread")
     out: dict[str, Any] = {}
-    if budgets:
-        head = max(budgets, key=lambda k: (min(budgets[k]["roc_seeds"], budgets[k]["cls_seeds"]),
-                                           budgets[k]["roc_seeds"] + budgets[k]["cls_seeds"],
-                                           budgets[k]["roc_val_f1_mean"] or 0.0))
-        out = {"headline_budget": head, **{k: v for k, v in budgets[head].items()
-                                           if k != "per_setting_val_f1"}}
-    best = max(entries, key=lambda e: e["val"]["f1"]) if entries else None
+    head = pick("full")
+    if head is not None:
+        out = {"headline_budget": head, **{k: budgets[head][k] for k in keys
+                                           if k in budgets[head]}, "vs_cls": budgets[head]["vs_cls"]}
+    full_entries = [e for e in entries if protocols[entry_budget(e)] == "full"]
+    best = max(full_entries, key=lambda e: e["val"]["f1"]) if full_entries else None
     out["best_val_f1"] = best["val"]["f1"] if best else None
     out["best_run"] = f"{best['setting']} seed {best['seed']} ({entry_budget(best)})" \
         if best else None
+    low = pick("low_resource")
+    if low is not None:
+        out["low_resource"] = {"fraction": LOW_RESOURCE_FRACTION, "budget": low,
+                               **{k: budgets[low][k] for k in keys if k in budgets[low]}}
+    zero = zero_shot_summary(entries)
+    if zero is not None:
+        out["zero_shot"] = zero
     out["budgets"] = budgets
     return out
 
@@ -256,7 +365,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     runs = result["runs"]
     for budget in summarize(runs)["budgets"]:
-        for setting in SETTINGS:
+        for setting in [*SETTINGS, *RETIRED]:
             group = [e for e in runs if entry_budget(e) == budget and e["setting"] == setting]
             if not group:
                 continue
@@ -292,6 +401,8 @@ def main() -> None:
                    help="the raw MNRE folder (mnre_train.txt, mnre_val.txt, ours_rel2id.json)")
     p.add_argument("--runs", default="roc:0,cls:0", help="'all' or setting:seed,...")
     p.add_argument("--epochs", type=int, default=1, help="the budget of every run (same for all)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="full",
+                   help="full data, a seeded 10 %% of train, or zero-shot relations")
     p.add_argument("--batch_size", type=int, default=32, help="must match the config's")
     p.add_argument("--workroot", default=str(ROOT / "workdirs" / "mnre_quality"))
     p.add_argument("--tfds_dir", default="", help="shared TFDS build folder ('' -> default)")
@@ -320,7 +431,7 @@ def main() -> None:
     files = write_ablation_descriptions(Path(args.workroot))
     old = json.loads(args.results.read_text()) if args.results.exists() else {}
     entries = old.get("runs", [])
-    sets = parse_sets(args.set)
+    sets = {**PROTOCOLS[args.protocol], **parse_sets(args.set)}
     budget = budget_id(args.epochs, sets)
 
     todo, done = [], {entry_key(e) for e in entries}

@@ -10,12 +10,18 @@ Items of a step (docs/contracts.md):
 
 Retention: the latest step (to resume) and the best step by dev micro-F1 (to evaluate). Orbax
 writes each step to a temporary folder and renames it when complete, so a kill mid-save never
-leaves a half checkpoint that looks valid.
+leaves a half checkpoint that looks valid, and a save that fails (disk full, permission) leaves
+the earlier steps as they were.
+
+A step whose files cannot be read (a corrupted chunk) raises ``UnreadableCheckpoint``, one line
+naming the step, the item folder, the reason and the steps that exist; training falls back to
+the newest step that reads (``roc_jax.train_lib.setup``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,11 +37,38 @@ ITEMS = ("state", "labels", "data", "meta")
 # model's architecture and the label set. Everything else (epochs, max_steps, logging) may change
 # between a run and its restart.
 _MODEL_KEYS = ("head", "text_encoder", "image_encoder", "fusion_layers", "proj_dim",
-               "train_description_tower", "random_init", "text_config", "image_config")
+               "train_description_tower", "random_init", "text_config", "image_config",
+               "none_rule", "relation_offsets")
 
 
 class CheckpointError(RuntimeError):
     """A workdir's checkpoint cannot be used with this run; the message says what to do."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A saved step whose files cannot be read (corrupted, truncated)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointSaveError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permission); the earlier steps are intact."""
+
+
+def error_reason(error: BaseException) -> str:
+    """The innermost cause of ``error``, on one line (orbax wraps tensorstore's short message in
+    an exception whose text is the whole TensorStore spec)."""
+    inner = error
+    seen = {id(inner)}
+    while (nxt := inner.__cause__ or inner.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        inner = nxt
+    text = " ".join(str(inner).split()) or type(inner).__name__
+    if len(text) > 400:
+        text = text[:400] + "..."
+    return f"{type(inner).__name__}: {text}"
 
 
 def make_manager(workdir: str | Path, *, read_only: bool = False,
@@ -145,6 +178,10 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     except FileNotFoundError as e:
         raise CheckpointError(f"{where}: no meta item ({e}); not a roc_jax checkpoint") from None
+    except Exception as e:  # an unparsable meta file
+        raise UnreadableCheckpoint(
+            f"checkpoint step {step} cannot be read: {where}/meta ({error_reason(e)}); saved "
+            f"steps: {sorted(manager.all_steps())}", step) from e
     return dict(restored["meta"])
 
 
@@ -165,12 +202,55 @@ def select_step(manager: ocp.CheckpointManager, which: str | int = "best") -> in
 
 
 def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any,
-            labels_restore_args: Any, with_data: bool = True) -> dict[str, Any]:
-    """Restores ``state`` (onto ``abstract_state``'s shapes and shardings), labels, data, meta."""
-    items = {"state": ocp.args.StandardRestore(abstract_state),
-             "labels": labels_restore_args,
-             "meta": ocp.args.JsonRestore()}
+            labels_restore_args: Any, with_data: bool = True, with_optimizer: bool = True
+            ) -> dict[str, Any]:
+    """Restores ``state`` (onto ``abstract_state``'s shapes and shardings), labels, data, meta.
+
+    ``with_optimizer=False`` reads only ``params``, ``step`` and ``rng`` of the state (what
+    evaluation and prediction need; the optimizer's moments are twice the parameters' size) and
+    returns the state without ``opt_state``. Raises ``UnreadableCheckpoint`` naming the step, the
+    item folder and the reason when an item's files cannot be read.
+    """
+    items = {"meta": ocp.args.JsonRestore(), "labels": labels_restore_args}
     if with_data:
         items["data"] = ocp.args.JsonRestore()
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return {k: restored[k] for k in items}
+    out = {}
+    for name, args in items.items():
+        out[name] = _restore_item(manager, step, name,
+                                  lambda n=name, a=args: manager.restore(
+                                      step, args=ocp.args.Composite(**{n: a}))[n])
+    if with_optimizer:
+        out["state"] = _restore_item(manager, step, "state", lambda: manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )["state"])
+    else:
+        wanted = {k: v for k, v in abstract_state.items() if k != "opt_state"}
+        path = Path(str(manager.directory)) / str(step) / "state"
+        out["state"] = _restore_item(manager, step, "state", lambda: ocp.PyTreeCheckpointer(
+        ).restore(path, args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+            partial_restore=True)))
+    return out
+
+
+def _restore_item(manager: ocp.CheckpointManager, step: int, item: str, read: Any) -> Any:
+    try:
+        return read()
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise UnreadableCheckpoint(
+            f"checkpoint step {step} cannot be read: {manager.directory}/{step}/{item} "
+            f"({error_reason(e)}); saved steps: {sorted(manager.all_steps())}", step) from e
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> Path:
+    """Moves an unreadable step out of the checkpoint folder, to ``<workdir>/unreadable_checkpoints/``
+    (kept for inspection; a resumed run would otherwise skip saving that step again)."""
+    directory = Path(str(manager.directory))
+    target = directory.parent / "unreadable_checkpoints" / str(step)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(directory / str(step)), str(target))
+    return target

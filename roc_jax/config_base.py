@@ -17,8 +17,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # Top level (not under train) so that `--config.num_epochs=1` works as in the README.
     c.num_epochs = 20
-    # Multi-host runs (TPU pod slices, multi-node GPU) join through jax.distributed.initialize().
-    c.distributed = False
+    # Multi-process runs (TPU pod slices, multi-node GPU, local trials): docs/multihost.md.
+    # Joining is on with `enabled`, or when JAX_COORDINATOR_ADDRESS is in the environment; the
+    # empty / -1 fields come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
+    # else from jax's auto-detection (Cloud TPU, SLURM, Open MPI).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.enabled = False
+    c.distributed.coordinator_address = ""  # 'host:port' of process 0
+    c.distributed.num_processes = -1
+    c.distributed.process_id = -1
 
     # --- data -------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -39,6 +46,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.marker_style = "typed"  # typed entity markers: '@ * person * ... @', '# ^ loc ^ ... #'
     c.data.num_workers = 0  # grain worker processes (0: in-process)
     c.data.descriptions = ""  # '' -> the shipped description file of the dataset
+    # Protocols (roc_jax.data.subsets): a seeded fraction of the training split (low resource),
+    # and relations whose training samples are all removed and which are no candidates in
+    # training (zero-shot); evaluation keeps every relation as a candidate.
+    c.data.train_fraction = 1.0
+    c.data.subset_seed = 0  # the fraction's draw: fixed, so every head and seed share a subset
+    c.data.unseen_relations = ()
 
     # --- model ------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()
@@ -55,11 +68,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.fusion_layers = 2
     c.model.proj_dim = 256
     c.model.temperature_init = 0.07
-    c.model.description_mode = "mean"  # how the K descriptions of a relation combine
-    # Subtract the relation set's mean description embedding before the projection (ours).
-    c.model.center_descriptions = False
-    # A learned per-relation bias on the retrieval logits, the prior a cosine cannot hold (ours).
-    c.model.relation_bias = False
+    # How `None` is decided: 'threshold' (a learned threshold class that the gold relation must
+    # clear, ATLOP's loss) or 'prototype' (a described relation like the others).
+    c.model.none_rule = "prototype"
+    # Per-relation offsets on the projected descriptions (zeros at init): prototypes anchored on
+    # the descriptions but free to separate.
+    c.model.relation_offsets = False
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
     # Batches where no row has an image skip the vision tower and fuse the text alone (lax.cond).
     c.model.skip_vision_without_images = True

@@ -76,6 +76,19 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
     return cm
 
 
+def subset_prf(cm: np.ndarray, ids: Iterable[int]) -> dict[str, float]:
+    """Micro P/R/F1 restricted to the relations ``ids`` (say, the zero-shot relations), from a
+    confusion matrix ``[R, R]``: true positives on those relations over the predictions of those
+    relations (precision) and over their gold samples (recall). Leave ``None`` out of ``ids``.
+    """
+    cm = np.asarray(cm, np.int64)
+    ids = sorted(set(int(i) for i in ids))
+    tp = int(sum(cm[i, i] for i in ids))
+    p = _ratio(tp, cm[:, ids].sum())
+    r = _ratio(tp, cm[ids, :].sum())
+    return {"precision": p, "recall": r, "f1": _f1(p, r), "support": int(cm[ids, :].sum())}
+
+
 def per_relation_report(cm: np.ndarray, names: Sequence[str]) -> list[dict]:
     """Per relation: precision, recall, F1 and support (gold count), from a confusion matrix."""
     report = []

@@ -15,6 +15,8 @@ import collections
 import dataclasses
 import functools
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +30,8 @@ from flax import nnx
 
 from roc_jax import host_memory, parallel
 from roc_jax import metrics as metrics_lib
+from roc_jax.data import subsets
+from roc_jax.losses import relation_loss
 from roc_jax.models.roc import ROC, is_pretrained_path
 
 log = logging.getLogger("roc_jax")
@@ -41,20 +45,6 @@ class NonFiniteError(FloatingPointError):
 
 # ---------------------------------------------------------------------------------------------
 # loss and optimizer
-
-
-def masked_xent(logits: jax.Array, labels: jax.Array, mask: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy and accuracy over the real rows: ``[B, R], [B], [B] -> (), ()``.
-
-    Over relation scores this is InfoNCE with every relation as a candidate. The denominator is
-    the global count of real rows, so 1 and 8 devices compute the same mean.
-    """
-    m = mask.astype(jnp.float32)
-    n = jnp.maximum(m.sum(), 1.0)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return (xent * m).sum() / n, (acc * m).sum() / n
 
 
 def lr_schedule(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
@@ -177,7 +167,8 @@ def _compiled_steps(gdef_train: Any, gdef_eval: Any, spec: OptSpec,
         def loss_fn(params):
             model = nnx.merge(gdef_train, params, step_rest, copy=True)
             logits, _ = model(batch, relations)
-            return masked_xent(logits, batch["label"], batch["mask"])
+            return relation_loss(model.config.none_rule, logits, batch["label"], batch["mask"],
+                                 model.config.none_index)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -207,17 +198,16 @@ def make_trainer(model: ROC, train_cfg: Any, total_steps: int, mesh: jax.shardin
     gdef_train, gdef_eval, params, rest = split_model(model)
     spec = OptSpec.from_config(train_cfg, total_steps)
     jit_train, jit_eval, tx, schedules = _compiled_steps(gdef_train, gdef_eval, spec, mesh)
-    rep = parallel.replicated(mesh)
     state = {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.PRNGKey(seed),  # raw uint32[2]: a plain array orbax saves as is
     }
-    # may_alias=False: the state is donated to the step, so it must not share buffers with the
-    # model's own arrays (on a 1-device mesh device_put would otherwise return them as they are).
-    state = jax.device_put(state, rep, may_alias=False)
-    rest = jax.device_put(rest, rep)
+    # Fresh copies (the state is donated to the step, so it must not share buffers with the
+    # model's own arrays), placed on every process's devices.
+    state = parallel.replicate(state, mesh)
+    rest = parallel.replicate(rest, mesh)
     trainer = Trainer(gdef_train, gdef_eval, rest, tx, schedules, mesh,
                       train_step=lambda s, b, r: jit_train(s, rest, b, r),
                       eval_step=lambda p, b, r: jit_eval(p, rest, b, r))
@@ -249,17 +239,25 @@ def evaluate(trainer: Trainer, params: Any, batches: Iterable[Mapping[str, np.nd
         for batch in batches:
             sharded = parallel.shard_batch(batch, trainer.mesh)
             out = trainer.eval_step(params, sharded, relations)
-            # Global (all hosts') rows: each host passed only its own shard of the batch.
-            acc.add(_to_host(sharded["label"]), _to_host(out["pred"]), _to_host(sharded["mask"]))
+            # Every host counts the global batch (all hosts' rows), so all return the same
+            # metrics; each passed only its own rows, padding (mask False) included.
+            rows = _to_host({"label": sharded["label"], "pred": out["pred"],
+                             "mask": sharded["mask"]})
+            acc.add(rows["label"], rows["pred"], rows["mask"])
     return acc.result(label_names)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def _to_host(tree: Any) -> Any:
+    """Global arrays -> host numpy arrays of their global value, on every process.
+
+    Data-sharded arrays span the hosts' devices, so several processes gather them (one
+    collective for the whole tree); on one process this is ``device_get``.
+    """
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+    return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
 class Timer:
@@ -381,19 +379,38 @@ def load_sources(config: Any, splits: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _tfds_sources(config: Any, raw: Path, splits: Sequence[str]) -> dict[str, Any]:
+def _tfds_builder(config: Any) -> tuple[Any, Any]:
+    """The TFDS builder class of ``config.data.dataset`` and the build config of this run."""
     from roc_jax.data.tfds import builder_lib
 
     if config.data.dataset == "mnre":
         from roc_jax.data.tfds.mnre.mnre_dataset_builder import Builder
     else:
         from roc_jax.data.tfds.more.more_dataset_builder import Builder
-    name = f"{config.data.dataset}_s{config.data.image_size}_{config.data.entity_types}"
-    bcfg = builder_lib.RocDataConfig(name=name, image_size=config.data.image_size,
-                                     entity_types=config.data.entity_types,
-                                     description=f"roc_jax build {name}")
+    bcfg = builder_lib.RocDataConfig(name="unnamed", image_size=config.data.image_size,
+                                     entity_types=config.data.entity_types)
+    return Builder, bcfg
+
+
+def data_fingerprint(config: Any) -> dict[str, Any]:
+    """``builder_lib.input_fingerprint`` of the raw folder: what the data of a run was made of
+    (stored in the checkpoints' ``meta``; the TFDS build is keyed by it)."""
+    builder_cls, bcfg = _tfds_builder(config)
+    return builder_cls.raw_fingerprint(_raw_dir(config), bcfg)
+
+
+def _tfds_sources(config: Any, raw: Path, splits: Sequence[str]) -> dict[str, Any]:
+    from roc_jax.data.tfds import builder_lib
+
+    builder_cls, bcfg = _tfds_builder(config)
+    # Named by the raw files' fingerprint: other input (another subset, images added later)
+    # builds anew next to the old build instead of reusing it.
+    fingerprint = builder_cls.raw_fingerprint(raw, bcfg)["sha256"][:12]
+    name = f"{config.data.dataset}_s{config.data.image_size}_{config.data.entity_types}_" \
+        f"{fingerprint}"
+    bcfg = dataclasses.replace(bcfg, name=name, description=f"roc_jax build of {raw}")
     tfds_dir = Path(config.data.tfds_dir or "~/tensorflow_datasets").expanduser()
-    builder = builder_lib.build(Builder, raw, tfds_dir, bcfg)
+    builder = builder_lib.build(builder_cls, raw, tfds_dir, bcfg)
     out = {}
     for split in splits:
         tsplit = _TFDS_SPLITS.get(split, split)
@@ -427,6 +444,27 @@ def build_description_cache(config: Any, built: Any, label_names: Sequence[str])
     encode_fn = cache_lib.text_encode_fn(encoder, built.description_tokenizer)
     return cache_lib.ensure_cache(None, descriptions, list(label_names), encode_fn,
                                   cache_lib.encoder_params(encoder))
+
+
+def _same_on_every_host(cache: Any) -> Any:
+    """Process 0's description cache on every process (the cache itself with one process).
+
+    Every host encodes the same texts with the same parameters; a fingerprint that differs means
+    a host read another descriptions file (an error), and the broadcast makes the embeddings
+    bitwise process 0's, which are also what the checkpoint holds (orbax writes host arrays
+    from process 0).
+    """
+    if jax.process_count() == 1:
+        return cache
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(bytes.fromhex(cache.fingerprint), np.uint8)
+    multihost_utils.assert_equal(digest, "the description cache's fingerprint differs between "
+                                 "hosts: every host must read the same descriptions and labels")
+    arrays = multihost_utils.broadcast_one_to_all({"embeddings": cache.embeddings,
+                                                   "mask": cache.mask.astype(np.uint8)})
+    return dataclasses.replace(cache, embeddings=np.asarray(arrays["embeddings"], np.float32),
+                               mask=np.asarray(arrays["mask"]).astype(np.bool_))
 
 
 def relations_input(config: Any, cache: Any, tokenizer: Any | None = None) -> dict[str, np.ndarray]:
@@ -475,12 +513,16 @@ def _check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
 
 def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | None = None,
           total_steps: int = 1, restore: str | int | None = "latest",
-          label_names: Sequence[str] | None = None) -> Experiment:
+          label_names: Sequence[str] | None = None, with_optimizer: bool = True) -> Experiment:
     """Builds the model and, when ``workdir`` holds a checkpoint, restores it.
 
     ``restore``: ``'latest'`` (resume), ``'best'``, a step, or None (never restore). A restored
     run takes its description cache from the checkpoint (no re-encoding); a fresh one encodes it.
     ``label_names`` defaults to the raw folder's label file; restoring checks that they match.
+    With ``'latest'``, a step that cannot be read is moved to ``unreadable_checkpoints/`` and the
+    next older one is restored, with one warning; other choices raise
+    ``checkpoint.UnreadableCheckpoint``. ``with_optimizer=False`` (evaluation, prediction) does
+    not read the optimizer's moments: ``state['opt_state']`` stays freshly initialized.
     """
     mesh = mesh or parallel.make_mesh()
     _check_batch_sizes(config, mesh)
@@ -491,17 +533,16 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
         label_names = label_names_of(config)
     label_names = list(label_names)
     manager = None
-    step = None
+    candidates: list[int] = []
     if workdir is not None and restore is not None:
         manager = ckpt.make_manager(workdir, read_only=True) if \
             (Path(workdir) / "checkpoints").exists() else None
         if manager is not None and manager.latest_step() is not None:
-            step = ckpt.select_step(manager, restore)
-            meta = ckpt.read_meta(manager, step)
-            ckpt.check_meta(meta, config=config, label_names=label_names,
-                            where=f"{manager.directory}/{step}")
+            candidates = sorted(manager.all_steps(), reverse=True) if restore == "latest" \
+                else [ckpt.select_step(manager, restore)]
     built = create_model(config.model, use_images=config.data.use_images,
-                         num_relations=len(label_names), seed=config.seed)
+                         num_relations=len(label_names), seed=config.seed,
+                         none_index=label_names.index("None") if "None" in label_names else -1)
     if built.random_init:
         log.warning("model.random_init=True: RANDOM text/image encoders (tests and smoke runs "
                     "only; the scores mean nothing)")
@@ -509,24 +550,58 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
     restored = None
     from roc_jax.labels import cache as cache_lib
 
-    if step is not None:
-        restored = ckpt.restore(manager, step, abstract_state=trainer.abstract_state(state),
-                                labels_restore_args=cache_lib.restore_args())
-        state = restored["state"]
+    if candidates:
+        restored = _restore_newest(manager, candidates, trainer.abstract_state(state), config,
+                                   label_names, with_optimizer)
+        step = restored["step"]
+        state = restored["state"] if with_optimizer else \
+            {**restored["state"], "opt_state": state["opt_state"]}
         cache = cache_lib.from_restored(restored["labels"])
         if list(cache.names) != label_names:
             raise ckpt.CheckpointError(f"{manager.directory}/{step}: the description cache's "
                                        "relations differ from the checkpoint's label set")
-        restored["step"] = step
         log.info("restored %s step %d", manager.directory, step)
     else:
-        cache = build_description_cache(config, built, label_names)
+        cache = _same_on_every_host(build_description_cache(config, built, label_names))
     if manager is not None:
         manager.close()
     rel = relations_input(config, cache, built.description_tokenizer)
     return Experiment(config, label_names, built, cache, trainer, state,
                       parallel.replicate(rel, mesh), pipeline_config(config, built.image_spec),
                       restored)
+
+
+def _restore_newest(manager: Any, candidates: Sequence[int], abstract_state: State, config: Any,
+                    label_names: Sequence[str], with_optimizer: bool) -> dict[str, Any]:
+    """Restores the first of ``candidates`` (steps, newest first) that reads; earlier ones that
+    do not are set aside with one warning. Raises when none reads, or a checkpoint holds another
+    model or label set (that is no damage: the user must choose)."""
+    from roc_jax import checkpoint as ckpt
+    from roc_jax.labels import cache as cache_lib
+
+    bad: list[ckpt.UnreadableCheckpoint] = []
+    for step in candidates:
+        try:
+            meta = ckpt.read_meta(manager, step)
+            ckpt.check_meta(meta, config=config, label_names=label_names,
+                            where=f"{manager.directory}/{step}")
+            restored = ckpt.restore(manager, step, abstract_state=abstract_state,
+                                    labels_restore_args=cache_lib.restore_args(),
+                                    with_optimizer=with_optimizer)
+        except ckpt.UnreadableCheckpoint as e:
+            if len(candidates) == 1:
+                raise
+            bad.append(e)
+            continue
+        for e in bad:
+            moved = ckpt.set_aside(manager, e.step) if jax.process_index() == 0 else None
+            log.warning("%s; resuming from step %d instead (step %d moved to %s)", e, step,
+                        e.step, moved)
+        restored["step"] = step
+        return restored
+    raise ckpt.CheckpointError(
+        f"no checkpoint in {manager.directory} can be read: " + "; ".join(str(e) for e in bad)
+        + f". Delete {manager.directory} to train from scratch")
 
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
@@ -548,7 +623,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     from roc_jax import writers
     from roc_jax.data import pipeline
 
-    parallel.maybe_initialize_distributed(config.distributed)
+    if parallel.initialize_distributed(config.distributed) and jax.process_index() != 0:
+        log.setLevel(logging.WARNING)  # process 0 logs the run; the others only their problems
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.make_mesh()
@@ -556,6 +632,13 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     log.info("host memory: %s", host_memory.huge_pages_status())
     label_names = label_names_of(config)
     sources = load_sources(config, [config.data.train_split, config.data.eval_split])
+    unseen = subsets.unseen_relation_ids(config.data.unseen_relations, label_names)
+    sources[config.data.train_split], kept = subsets.subset_source(
+        sources[config.data.train_split], fraction=config.data.train_fraction,
+        seed=config.data.subset_seed, unseen_ids=unseen)
+    if kept["kept"] != kept["records"]:
+        log.info("training protocol (data.train_fraction=%s, data.unseen_relations=%s): %s",
+                 config.data.train_fraction, list(config.data.unseen_relations), kept)
     steps_per_epoch = _steps_per_epoch(len(sources[config.data.train_split]),
                                        config.train.batch_size)
     if steps_per_epoch == 0:
@@ -570,6 +653,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     assert train_it.steps_per_epoch == steps_per_epoch, (train_it.steps_per_epoch, steps_per_epoch)
     eval_batches = pipeline.make_eval_batches(sources[config.data.eval_split], tokenizer,
                                               exp.pipeline_cfg, config.train.eval_batch_size)
+    train_relations = _without_relations(exp.relations, unseen, mesh)
     state = exp.state
     if exp.restored is not None:
         train_it.set_state(exp.restored["data"])
@@ -579,7 +663,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
 
     manager = ckpt.make_manager(workdir)
     meta = ckpt.make_meta(config, label_names, {"steps_per_epoch": steps_per_epoch,
-                                                "total_steps": total})
+                                                "total_steps": total,
+                                                "data_fingerprint": data_fingerprint(config)})
     labels_args = _labels_save_args(exp.cache)
     is_main = jax.process_index() == 0
     writer = writers.create_default_writer(workdir, enabled=is_main)
@@ -589,23 +674,32 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     log.info("training %d steps (%d per epoch, %d epochs) from step %d on %d devices",
              total, steps_per_epoch, config.num_epochs, step, mesh.devices.size)
 
+    saving: list[int] = []  # the step whose (asynchronous) save may still be running
+
     def save(metrics: dict[str, float] | None = None) -> None:
         if step in manager.all_steps():
             return
-        ckpt.save(manager, step, state=state, labels_args=labels_args,
-                  data_state=train_it.get_state(), meta=meta, metrics=metrics, force=True)
+        _finish_saves(manager, saving, step)  # a failure of the previous save shows here
+        try:
+            ckpt.save(manager, step, state=state, labels_args=labels_args,
+                      data_state=train_it.get_state(), meta=meta, metrics=metrics, force=True)
+        except Exception as e:
+            raise _save_failed(manager, step, step, e) from e
+        saving.append(step)
 
     pending: list[dict[str, jax.Array]] = []
     inflight: collections.deque[jax.Array] = collections.deque()
     timer = Timer()
     dev: dict[str, Any] | None = None
     bar = Progress(stop, step, steps_per_epoch, enabled=config.train.progress_bar and is_main)
+    sigterm = _SignalFlag(signal.SIGTERM)
+    failed = False
     try:
         with jax.set_mesh(mesh):
             while step < stop:
                 batch = next(train_it)
                 state, out = exp.trainer.train_step(state, parallel.shard_batch(batch, mesh),
-                                                    exp.relations)
+                                                    train_relations)
                 pending.append(out)
                 # Bound JAX's asynchronous run-ahead: without it the host enqueues every step up
                 # to the next log step, and each queued step pins its batch in memory. Waiting
@@ -641,6 +735,18 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
                         _log_step(writer, bar, pending, step, exp.trainer, timer)
                         pending = []
                     save()
+                if sigterm.received and step < stop:
+                    # Preemption (a TPU VM, a cluster scheduler): save this step and stop.
+                    if pending:
+                        _log_step(writer, bar, pending, step, exp.trainer, timer)
+                        pending = []
+                    save()
+                    _finish_saves(manager, saving, step)
+                    log.warning("SIGTERM at step %d: saved a checkpoint; run the same command to "
+                                "resume", step)
+                    raise Preempted(f"stopped by SIGTERM at step {step} of {stop}; checkpoint "
+                                    f"saved in {manager.directory}: run the same command to "
+                                    "resume")
     except KeyboardInterrupt:
         # Ctrl-C: keep the work done so far (no check of unlogged steps is skipped: a step is
         # saved only after its metrics passed the finiteness check).
@@ -653,13 +759,78 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
             log.warning("could not save step %d (%s); the latest checkpoint is step %s", step, e,
                         manager.latest_step())
         raise
+    except BaseException:
+        failed = True
+        raise
     finally:
+        sigterm.restore()
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
+        try:
+            _finish_saves(manager, saving, step)
+        except ckpt.CheckpointSaveError as e:
+            if not failed:
+                raise
+            log.error("%s", e)  # the exception already on its way matters more
+        finally:
+            manager.close()
         writer.close()
         train_it.close()
     return {"step": step, "dev": dev, "best_step": _best_step(workdir)}
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving its step; rerunning resumes it."""
+
+
+class _SignalFlag:
+    """Notes that ``signum`` arrived (from the main thread only); ``restore`` puts the previous
+    handler back. The loop checks ``received`` between steps, so no step is cut in half."""
+
+    def __init__(self, signum: int):
+        self.signum, self.received, self.previous = signum, False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("received signal %d: stopping after this step", signum)
+        self.received = True
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(self.signum, self.previous)
+            self.previous = None
+
+
+def _finish_saves(manager: Any, saving: list[int], step: int) -> None:
+    """Waits for the asynchronous save of ``saving[-1]``; raises ``CheckpointSaveError`` if it
+    failed (orbax reports a failed write only when it is waited for)."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        raise _save_failed(manager, saving[-1] if saving else step, step, e) from e
+
+
+def _save_failed(manager: Any, saved: int, step: int, error: BaseException) -> Exception:
+    from roc_jax import checkpoint as ckpt
+
+    manager.reload()
+    intact = sorted(s for s in manager.all_steps() if s != saved)
+    return ckpt.CheckpointSaveError(
+        f"saving checkpoint step {saved} to {manager.directory} failed "
+        f"({ckpt.error_reason(error)}): training stopped at step {step}. The checkpoints saved "
+        f"before are intact (steps {intact}): free disk space or fix the folder's permissions, "
+        "then run the same command to resume")
+
+
+def _without_relations(relations: dict[str, jax.Array], ids: Sequence[int],
+                       mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """``relations`` with the descriptions of ``ids`` masked out: those relations score
+    ``NO_DESCRIPTION_SCORE``, so they are no candidates (zero-shot training)."""
+    if not ids:
+        return relations
+    mask = np.asarray(jax.device_get(relations["mask"])).copy()
+    mask[list(ids)] = False
+    return {**relations, "mask": parallel.replicate(mask, mesh)}
 
 
 def _best_step(workdir: Path) -> int | None:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from roc_jax.labels import cache as C
 from roc_jax.labels.descriptions import DescriptionsError
+from roc_jax.models.scoring import NO_DESCRIPTION_SCORE, relation_scores
 
 DIM = 64
 
@@ -178,55 +179,42 @@ def test_from_restored_rejects_other_items():
         C.from_restored(bad)
 
 
-def _ref_scores(pair, desc, mask, mode, t):
+def _ref_scores(pair, desc, mask, t):
     pair = pair / np.linalg.norm(pair, axis=-1, keepdims=True)
     desc = desc / np.maximum(np.linalg.norm(desc, axis=-1, keepdims=True), 1e-6)
     out = np.zeros((pair.shape[0], desc.shape[0]))
     for r in range(desc.shape[0]):
-        d = desc[r][mask[r]]
-        if mode == "mean":
-            v = d.mean(0)
-            out[:, r] = pair @ (v / np.linalg.norm(v)) / t
-        else:
-            s = pair @ d.T / t
-            out[:, r] = np.log(np.exp(s).sum(-1)) - np.log(len(d))
+        v = desc[r][mask[r]].mean(0)
+        out[:, r] = pair @ (v / np.linalg.norm(v)) / t
     return out
 
 
-@pytest.mark.parametrize("mode", ["mean", "lse"])
-def test_relation_scores_match_reference(mode):
+def test_relation_scores_match_reference():
     rng = np.random.default_rng(0)
     pair = rng.standard_normal((4, 8)).astype(np.float32)
     desc = rng.standard_normal((3, 5, 8)).astype(np.float32)
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], bool)
-    fn = jax.jit(C.relation_scores, static_argnames="mode")
-    got = np.asarray(fn(jnp.asarray(pair), jnp.asarray(desc), jnp.asarray(mask), mode=mode,
-                        temperature=jnp.float32(0.1)))
+    fn = jax.jit(relation_scores)
+    got = np.asarray(fn(jnp.asarray(pair), jnp.asarray(desc), jnp.asarray(mask),
+                        jnp.float32(0.1)))
     assert got.shape == (4, 3)
-    np.testing.assert_allclose(got, _ref_scores(pair, desc, mask, mode, 0.1), rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(got, _ref_scores(pair, desc, mask, 0.1), rtol=1e-5, atol=1e-4)
     # Whatever sits in masked slots does not matter.
     desc2 = desc.copy()
     desc2[~mask] = 1e3
-    np.testing.assert_array_equal(got, np.asarray(fn(pair, desc2, mask, mode=mode,
-                                                     temperature=jnp.float32(0.1))))
+    np.testing.assert_array_equal(got, np.asarray(fn(pair, desc2, mask, jnp.float32(0.1))))
 
 
 def test_relation_scores_edge_cases():
     pair = jnp.ones((2, 4))
     desc = jnp.ones((2, 3, 4))
     mask = jnp.array([[True, True, True], [False, False, False]])
-    fn = jax.jit(C.relation_scores, static_argnames="mode")
-    for mode in ("mean", "lse"):
-        s = fn(pair, desc, mask, mode=mode, temperature=0.5)
-        # K equal per-description scores give exactly that score in both modes (cos = 1, T = .5).
-        np.testing.assert_allclose(s[:, 0], 2.0, rtol=1e-6)
-        np.testing.assert_array_equal(s[:, 1], C.NO_DESCRIPTION_SCORE)
-    with pytest.raises(ValueError, match="mode must be one of"):
-        C.relation_scores(pair, desc, mask, "max")
+    s = jax.jit(relation_scores)(pair, desc, mask, 0.5)
+    np.testing.assert_allclose(s[:, 0], 2.0, rtol=1e-6)  # cos = 1, T = 0.5
+    np.testing.assert_array_equal(s[:, 1], NO_DESCRIPTION_SCORE)
     # A learned (log-)temperature gets finite gradients, also with an empty relation present.
     grad = jax.jit(jax.grad(lambda lt: jax.nn.log_softmax(
-        C.relation_scores(pair, desc, mask, "lse", jnp.exp(lt)))[:, 0].sum()))(0.0)
+        relation_scores(pair, desc, mask, jnp.exp(lt)))[:, 0].sum()))(0.0)
     assert np.isfinite(grad)
 
 
@@ -256,15 +244,14 @@ def test_extend_cache_scores_a_new_relation():
     unchecked = C.extend_cache(cache, extra, enc)  # no params: a chained fingerprint
     assert unchecked.fingerprint not in (cache.fingerprint, bigger.fingerprint)
     np.testing.assert_array_equal(unchecked.embeddings, bigger.embeddings)
-    # An input built to match the new relation retrieves it top-1 in both modes, and the old
-    # relations still win for their own inputs.
+    # An input built to match the new relation retrieves it top-1, and the old relations still
+    # win for their own inputs.
     inputs = enc(["founder founded the company", "married wife husband couple",
                   "plays for the team"])
-    for mode in ("mean", "lse"):
-        ids, scores = C.top_k_relations(bigger, inputs, k=2, mode=mode, temperature=0.1)
-        assert [bigger.names[i] for i in ids[:, 0]] == [
-            "/per/org/founder_of", "/per/per/couple", "/per/org/member_of"], mode
-        assert (scores[:, 0] >= scores[:, 1]).all()
+    ids, scores = C.top_k_relations(bigger, inputs, k=2, temperature=0.1)
+    assert [bigger.names[i] for i in ids[:, 0]] == [
+        "/per/org/founder_of", "/per/per/couple", "/per/org/member_of"]
+    assert (scores[:, 0] >= scores[:, 1]).all()
 
 
 def test_extend_cache_refuses_bad_input():

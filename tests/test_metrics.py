@@ -87,3 +87,20 @@ def test_fake_model_with_known_scores_and_padding(tmp_path):
 def test_label_set_without_none():
     out = metrics.evaluate(np.array([0, 1]), np.array([0, 0]), ["x", "y"])
     assert out["precision"] == 0.5 and out["recall"] == 0.5  # every label counts
+
+
+def test_subset_prf_counts_only_the_named_relations():
+    from roc_jax.metrics import confusion_matrix, micro_prf, subset_prf
+
+    labels = np.array([0, 1, 1, 2, 2, 2, 3, 0])
+    preds = np.array([1, 1, 2, 2, 0, 2, 1, 0])
+    cm = confusion_matrix(labels, preds, 4)
+    got = subset_prf(cm, [1])
+    # relation 1: tp 1 (row 1 col 1), predicted 3 times, gold 2 times
+    assert got == {"precision": pytest.approx(1 / 3), "recall": 0.5,
+                   "f1": pytest.approx(0.4), "support": 2}
+    # All relations but None (id 0): the field's micro P/R/F1.
+    full = micro_prf(labels, preds, none_id=0)
+    every = subset_prf(cm, [1, 2, 3])
+    for k in ("precision", "recall", "f1"):
+        assert every[k] == pytest.approx(full[k])

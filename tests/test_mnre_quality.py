@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 
+import numpy as np
 import pytest
 from roc_testutil import REPO
 
@@ -30,7 +31,7 @@ def test_ablation_description_files_have_one_valid_description_per_relation(tmp_
     for name in names:
         assert first[name] == shipped[name][:1]
     assert mq.overrides_of("roc_label_names", files) == {
-        "data.descriptions": files["label_names"]}
+        **mq.PAPER, "data.descriptions": files["label_names"]}
 
 
 def _report(step, f1):
@@ -157,3 +158,44 @@ def test_merge_adds_only_the_missing_entries(tmp_path):
     assert sorted((e["setting"], e["val"]["f1"]) for e in merged["runs"]) == [
         ("cls", 52.0), ("roc", 50.0)]
     assert merged["summary"]["cls_val_f1_mean"] == 52.0
+
+
+def test_protocols_name_their_budgets_and_get_their_own_summaries():
+    names = ["None", *mq.UNSEEN_RELATIONS, "/per/per/peer", "/per/org/member_of"]
+    r = len(names)
+
+    def confusion(correct_unseen, correct_seen):
+        cm = np.zeros((r, r), int)
+        cm[0, 0] = 50
+        for i in range(1, 6):  # each unseen relation: 4 val samples
+            cm[i, i], cm[i, 0] = correct_unseen, 4 - correct_unseen
+        for i in (6, 7):  # each seen relation: 10 val samples
+            cm[i, i], cm[i, 0] = correct_seen, 10 - correct_seen
+        return cm.tolist()
+
+    def entry(setting, seed, f1, protocol, cm=None):
+        e = {"setting": setting, "seed": seed, "epochs": 1, "val": {"f1": f1},
+             "sets": {**mq.PROTOCOLS[protocol], "train.lr_encoder": "5e-5"}}
+        if cm is not None:
+            e.update(val_confusion=cm, label_names=names)
+        return e
+
+    entries = [entry("roc", 0, 60.0, "full", confusion(4, 8)),
+               entry("cls", 0, 58.0, "full"),
+               entry("roc", 0, 40.0, "low_resource"), entry("roc", 1, 42.0, "low_resource"),
+               entry("cls", 0, 30.0, "low_resource"), entry("cls", 1, 34.0, "low_resource"),
+               entry("roc", 0, 45.0, "zero_shot", confusion(2, 7))]
+    assert [mq.protocol_of(e["sets"]) for e in entries] == [
+        "full", "full", *["low_resource"] * 4, "zero_shot"]
+    s = mq.summarize(entries)
+    assert s["headline_budget"] == "e1 train.lr_encoder=5e-5"  # full data only
+    assert s["best_val_f1"] == 60.0
+    low = s["low_resource"]
+    assert low["fraction"] == 0.1 and low["roc_val_f1_mean"] == pytest.approx(41.0)
+    assert low["cls_val_f1_mean"] == pytest.approx(32.0)
+    zero = s["zero_shot"]
+    assert zero["unseen_relations"] == list(mq.UNSEEN_RELATIONS)
+    assert zero["unseen_val_samples"] == 20
+    assert zero["unseen_f1"] == pytest.approx(100 * 2 * 0.5 / 1.5)  # P 1, R 0.5
+    assert zero["seen_f1"] == pytest.approx(100 * 2 * 0.7 / 1.7)
+    assert zero["seen_f1_all_relations"] == pytest.approx(100 * 2 * 0.8 / 1.8)

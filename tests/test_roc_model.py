@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from roc_testutil import load_config
 
-from roc_jax.labels.cache import relation_scores
 from roc_jax.models.bert import BertConfig, BertEncoder
 from roc_jax.models.roc import ROC, ROCConfig, box_patch_weights
+from roc_jax.models.scoring import NO_DESCRIPTION_SCORE, l2_normalize, relation_scores
 from roc_jax.models.vit import ViT, ViTConfig
 
 R, K, B, L, D = 4, 3, 4, 12, 32
@@ -68,7 +68,7 @@ def test_retrieval_outputs_and_scores():
     assert inter["relations"].shape == (R, K, 8)
     assert float(inter["temperature"]) == pytest.approx(0.07, rel=1e-5)
     # the score is the cosine to the relation's (mean) description vector / temperature
-    expected = relation_scores(inter["pair"], inter["relations"], _relations()["mask"], "mean",
+    expected = relation_scores(inter["pair"], inter["relations"], _relations()["mask"],
                                inter["temperature"])
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     assert np.all(np.abs(np.asarray(logits) * 0.07) <= 1 + 1e-5)  # cosines in [-1, 1]
@@ -271,49 +271,42 @@ def test_trained_description_tower_recomputes_relation_vectors():
     assert norm > 0
 
 
-def test_centered_descriptions_ignore_a_shared_component():
-    # With centring, a vector added to every valid description embedding (the component that
-    # all descriptions share) changes no score; padded (masked) rows do not enter the centre.
+def test_threshold_none_rule_scores_the_none_slot_with_a_free_threshold():
+    """none_rule='threshold': the None slot's logit is cos(pair, t) / T + b (not its
+    descriptions: they may change or be absent); the other relations score as before."""
     rels = _relations()
-    shift = np.random.default_rng(3).normal(size=20).astype(np.float32) * 5
-    mask = np.asarray(rels["mask"])
-    shifted = {**rels, "embeddings": rels["embeddings"] + shift * mask[..., None]}
-    junk = {**rels, "embeddings": jnp.where(rels["mask"][..., None], rels["embeddings"], 1e3)}
-    centered = _model(images=False, center_descriptions=True)
-    base, _ = _forward(centered, _batch(), rels)
-    for other in (shifted, junk):
-        np.testing.assert_allclose(_forward(centered, _batch(), other)[0], base,
-                                   rtol=1e-4, atol=1e-4)
     plain = _model(images=False)
-    assert not np.allclose(_forward(plain, _batch(), shifted)[0], _forward(plain, _batch(),
-                                                                            rels)[0], atol=1e-3)
-
-
-def test_relation_bias_adds_a_learned_prior_and_spares_relations_without_descriptions():
-    """model.relation_bias: logits = cosine / T + b_r; zeros at init (pure retrieval); a relation
-    without any description keeps NO_DESCRIPTION_SCORE; the cross-entropy's gradient reaches b."""
-    from roc_jax.labels.cache import NO_DESCRIPTION_SCORE
-
-    rels = _relations()
-    rels["mask"] = rels["mask"].at[2].set(False)
-    plain, biased = _model(), _model(relation_bias=True)
+    th = _model(images=False, none_rule="threshold", none_index=2)
     base, _ = _forward(plain, _batch(), rels)
-    np.testing.assert_allclose(_forward(biased, _batch(), rels)[0], base, atol=1e-6)
+    logits, inter = _forward(th, _batch(), rels)
+    others = [0, 1, 3]
+    np.testing.assert_allclose(np.asarray(logits)[:, others], np.asarray(base)[:, others],
+                               rtol=1e-5, atol=1e-5)
+    th.threshold_bias[...] = jnp.asarray(1.5)
+    logits, inter = _forward(th, _batch(), {**rels, "mask": rels["mask"].at[2].set(False)})
+    want = inter["pair"] @ l2_normalize(th.threshold_vector[...]) / inter["temperature"] + 1.5
+    np.testing.assert_allclose(np.asarray(logits)[:, 2], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="none_index"):
+        _model(images=False, none_rule="threshold")
 
-    bias = jnp.asarray([0.5, -1.0, 3.0, 2.0])
-    biased.relation_bias[...] = bias
-    logits, _ = _forward(biased, _batch(), rels)
-    expected = np.asarray(base) + np.asarray(bias)[None]
-    expected[:, 2] = NO_DESCRIPTION_SCORE
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 
-    labels = jnp.asarray([0, 1, 3, 0])
-
-    def loss(m):
-        lg, _ = m(_batch(), rels)
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), labels[:, None], 1))
-
-    grads = nnx.grad(loss)(biased)
-    p = jax.nn.softmax(logits)
-    want = (np.asarray(p) - np.eye(R)[np.asarray(labels)]).mean(0)
-    np.testing.assert_allclose(grads.relation_bias[...], want, atol=1e-5)
+def test_relation_offsets_start_at_zero_and_move_each_relation_alone():
+    """relation_offsets: l2norm(W e_rk + u_r); zeros at init give pure description prototypes;
+    u_r moves relation r's score alone; a relation without descriptions keeps
+    NO_DESCRIPTION_SCORE; extra relations (predict's added descriptions) get no offset."""
+    rels = _relations()
+    rels["mask"] = rels["mask"].at[1].set(False)
+    plain, free = _model(images=False), _model(images=False, relation_offsets=True)
+    base, _ = _forward(plain, _batch(), rels)
+    np.testing.assert_allclose(_forward(free, _batch(), rels)[0], base, atol=1e-6)
+    free.relation_offset[...] = free.relation_offset[...].at[3].set(
+        jnp.asarray(np.random.default_rng(0).normal(size=8), jnp.float32))
+    moved, _ = _forward(free, _batch(), rels)
+    np.testing.assert_allclose(np.asarray(moved)[:, :3], np.asarray(base)[:, :3], atol=1e-5)
+    assert not np.allclose(np.asarray(moved)[:, 3], np.asarray(base)[:, 3], atol=1e-3)
+    assert np.all(np.asarray(moved)[:, 1] == NO_DESCRIPTION_SCORE)
+    more = {"embeddings": jnp.concatenate([rels["embeddings"], rels["embeddings"][:1]]),
+            "mask": jnp.concatenate([rels["mask"], rels["mask"][:1]])}
+    extended, _ = _forward(free, _batch(), more)
+    np.testing.assert_allclose(extended[:, :R], moved, atol=1e-5)
+    np.testing.assert_allclose(extended[:, R], base[:, 0], atol=1e-5)

@@ -24,15 +24,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from roc_jax.labels.descriptions import DescriptionsError, DescriptionsFile, as_mapping, check_names
+from roc_jax.models.scoring import relation_scores
 
 log = logging.getLogger(__name__)
 
 EncodeFn = Callable[[list[str]], np.ndarray]  # texts [N] -> embeddings [N, D]
 CACHE_FORMAT = 1
-SCORE_MODES = ("mean", "lse")
-# Score of a relation with no description (an all-False mask row): finite, so that gradients of a
-# cross-entropy over such logits stay finite.
-NO_DESCRIPTION_SCORE = -1e9
 
 
 @dataclasses.dataclass
@@ -315,59 +312,16 @@ def extend_cache(
     )
 
 
-# --------------------------------------------------------------------------- scoring
+# --------------------------------------------------------------------------- retrieval
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
-
-
-def relation_scores(
-    pair: jax.Array,
-    desc: jax.Array,
-    mask: jax.Array,
-    mode: str = "mean",
-    temperature: float | jax.Array = 1.0,
-) -> jax.Array:
-    """Scores of every relation for every pair vector: [B, R] logits.
-
-    pair: [B, D] pair vectors. desc: [R, K, D] (projected) description embeddings. mask: [R, K].
-    Both sides are L2-normalized here, so the scores are cosine similarities / ``temperature``.
-
-    mode ``"mean"``: a relation's vector is the normalized mean of its normalized descriptions;
-    score = cos(pair, relation) / T.
-    mode ``"lse"``: per-description scores s_k = cos(pair, desc_k) / T combined by
-    logsumexp_k(s_k) - log(K_r): a soft maximum that does not favour relations with more
-    descriptions (K_r equal scores give exactly that score).
-
-    A relation with an all-False mask row scores ``NO_DESCRIPTION_SCORE``. ``mode`` is static
-    (Python branch); jit with ``static_argnames='mode'`` when it is an argument.
-    """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
-    pair = _l2_normalize(pair.astype(jnp.float32))
-    desc = _l2_normalize(desc.astype(jnp.float32))
-    maskf = mask.astype(jnp.float32)  # [R, K]
-    count = jnp.sum(maskf, axis=-1)  # [R]
-    has_any = count > 0
-    if mode == "mean":
-        rel = jnp.sum(desc * maskf[..., None], axis=1) / jnp.maximum(count, 1.0)[:, None]  # [R,D]
-        scores = pair @ _l2_normalize(rel).T / temperature  # [B, R]
-    else:
-        s = jnp.einsum("bd,rkd->brk", pair, desc) / temperature  # [B, R, K]
-        s = jnp.where(mask[None].astype(bool), s, NO_DESCRIPTION_SCORE)
-        scores = jax.nn.logsumexp(s, axis=-1) - jnp.log(jnp.maximum(count, 1.0))[None]
-    return jnp.where(has_any[None], scores, NO_DESCRIPTION_SCORE)
-
-
-_relation_scores_jit = jax.jit(relation_scores, static_argnames="mode")
+_relation_scores_jit = jax.jit(relation_scores)
 
 
 def top_k_relations(
     cache: DescriptionCache,
     pair: jax.Array,
     k: int = 5,
-    mode: str = "mean",
     temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Retrieval: the ``k`` best relations per pair vector [B, D] -> (ids [B, k], scores [B, k]).
@@ -375,7 +329,7 @@ def top_k_relations(
     Uses the cached (unprojected) embeddings, i.e. pair vectors living in the text tower's space.
     """
     scores = _relation_scores_jit(jnp.asarray(pair), jnp.asarray(cache.embeddings),
-                                  jnp.asarray(cache.mask), mode=mode, temperature=temperature)
+                                  jnp.asarray(cache.mask), temperature)
     vals, ids = jax.lax.top_k(scores, min(k, len(cache.names)))
     return np.asarray(ids), np.asarray(vals)
 

@@ -5,8 +5,17 @@
                                                                         (BertLayer) [B, L+1+N, D]
     pair  = l2norm(proj(MLP([h_head ; h_tail])))                       [B, P]
     rels  = l2norm(proj(description embeddings [R, K, Dd]))            [R, K, P]
-    score = relation_scores(pair, rels, mask, mode) / temperature      [B, R]
-          (+ a learned per-relation bias [R] with model.relation_bias)
+    score = cos(pair, mean_k rels) / temperature                     [B, R]
+
+Two choices the measurements decide (``docs/results.md``):
+- ``none_rule='threshold'``: ``None`` is not a described prototype but a learned threshold (ATLOP,
+  Zhou et al. 2021): its logit is ``cos(pair, l2norm(t)) / temperature + b`` with a free vector
+  ``t [P]`` and bias ``b``, the loss (``roc_jax.losses``) ranks the gold relation above it and it
+  above every other relation, and ``None`` is predicted when no relation clears it (the argmax).
+  ``'prototype'``: ``None`` is one more described relation (the paper, as far as it is known).
+- ``relation_offsets``: every relation's projected descriptions get a per-relation offset
+  ``u_r [P]`` (zeros at init) before the normalization, ``l2norm(W e_rk + u_r)``, so that the
+  prototypes stay anchored on the descriptions but can separate from their neighbours.
 
 ``h_head`` / ``h_tail`` are the fused states at the start markers (``head_index``/``tail_index``);
 a MORE image-object tail pools the fused image-patch states inside ``tail_box`` instead. The
@@ -30,10 +39,12 @@ from flax import nnx
 
 from roc_jax.models.bert import BertConfig, BertEncoder, BertLayer
 from roc_jax.models.layers import dense
+from roc_jax.models.scoring import l2_normalize, relation_scores
 
 Array = jax.Array
 
 HEADS = ("retrieval", "classification")
+NONE_RULES = ("prototype", "threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +57,13 @@ class ROCConfig:
     fusion_layers: int = 2
     proj_dim: int = 256
     temperature_init: float = 0.07
-    description_mode: str = "mean"
     train_description_tower: bool = False
-    # Subtract the mean description embedding of the relation set before the projection (ours).
-    center_descriptions: bool = False
-    # A learned per-relation offset added to the retrieval logits (ours). Cosine scores over
-    # unit vectors cannot express a prior: classification's softmax has one bias per class, and
-    # 63 % of MNRE is `None`. Zeros at init, so training starts from pure retrieval.
-    relation_bias: bool = False
+    # How `None` is decided: 'prototype' (a described relation) or 'threshold' (a learned
+    # threshold class in the None slot, with the ranking loss of roc_jax.losses).
+    none_rule: str = "prototype"
+    none_index: int = -1  # the id of `None` (needed by none_rule='threshold')
+    # Per-relation offsets u_r [R, P] added to the projected descriptions (zeros at init).
+    relation_offsets: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
     # rows alone; MNRE as distributed here has an image in 49 of 12,247 samples. 0: off.
@@ -70,12 +80,12 @@ class ROCConfig:
             raise ValueError(f"model.head={self.head!r}; expected one of {HEADS}")
         if self.num_relations < 2:
             raise ValueError(f"num_relations={self.num_relations}: need at least 2 relations")
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
-    """Unit vectors along ``axis`` in float32 (the cosine needs the precision under bf16)."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
+        if self.none_rule not in NONE_RULES:
+            raise ValueError(f"model.none_rule={self.none_rule!r}; expected one of {NONE_RULES}")
+        if self.none_rule == "threshold" and not 0 <= self.none_index < self.num_relations:
+            raise ValueError(f"model.none_rule='threshold' needs the id of 'None' among the "
+                             f"{self.num_relations} relations (none_index={self.none_index}): "
+                             "the label set has no 'None'")
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:
@@ -101,13 +111,6 @@ def box_patch_weights(box: Array, grid: int) -> Array:
     centre = jax.nn.one_hot((my * grid + mx)[:, 0], grid * grid, dtype=bool)
     w = jnp.where(inside.any(axis=1, keepdims=True), inside, centre).astype(jnp.float32)
     return w / w.sum(axis=1, keepdims=True)
-
-
-def relation_scores(pair: Array, rels: Array, mask: Array, mode: str, temperature: Array) -> Array:
-    """``[B, P], [R, K, P], [R, K] -> [B, R]`` through the labels module's combination rule."""
-    from roc_jax.labels.cache import relation_scores as _scores
-
-    return _scores(pair, rels, mask, mode, temperature)
 
 
 class ROC(nnx.Module):
@@ -159,12 +162,19 @@ class ROC(nnx.Module):
             self.rel_proj = dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
             self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
                                                          jnp.float32))
-            self.relation_bias = (nnx.Param(jnp.zeros((config.num_relations,), jnp.float32))
-                                  if config.relation_bias else None)
+            self.relation_offset = (
+                nnx.Param(jnp.zeros((config.num_relations, config.proj_dim), jnp.float32))
+                if config.relation_offsets else None)
+            if config.none_rule == "threshold":
+                self.threshold_vector = nnx.Param(jax.random.normal(
+                    rngs.params(), (config.proj_dim,), jnp.float32) / math.sqrt(config.proj_dim))
+                self.threshold_bias = nnx.Param(jnp.zeros((), jnp.float32))
+            else:
+                self.threshold_vector = self.threshold_bias = None
             self.classifier = None
         else:
             self.pair_proj = self.rel_proj = self.log_temperature = None
-            self.relation_bias = None
+            self.relation_offset = self.threshold_vector = self.threshold_bias = None
             self.classifier = dense(d, config.num_relations, dtype=dtype, rngs=rngs)
         if config.train_description_tower and description_encoder is None:
             raise ValueError("model.train_description_tower=True needs a description encoder")
@@ -306,16 +316,13 @@ class ROC(nnx.Module):
             emb = mean_pool(hidden, relations["attention_mask"]).reshape(*mask.shape, -1)
         else:
             emb = relations["embeddings"]
-        if self.config.center_descriptions:
-            # Sentence embeddings of descriptions share a large common component ("a relation
-            # between two entities"): MiniLM's relation means have cosine 0.71 on average, and
-            # after one epoch of training the projected ones still 0.75 (up to 0.96), so
-            # relations differ by short difference vectors. The centre is the mean over the
-            # valid descriptions of the relation set being scored.
-            m = mask.astype(jnp.float32)[..., None]
-            emb = emb.astype(jnp.float32)
-            emb = emb - jnp.sum(emb * m, axis=(0, 1)) / jnp.maximum(m.sum(), 1.0)
-        return l2_normalize(self.rel_proj(emb.astype(self.dtype)))
+        proj = self.rel_proj(emb.astype(self.dtype)).astype(jnp.float32)
+        if self.relation_offset is not None:
+            offset = self.relation_offset[...]
+            # Relations added after training (predict's extra descriptions) have no offset.
+            offset = jnp.pad(offset, ((0, proj.shape[0] - offset.shape[0]), (0, 0)))
+            proj = proj + offset[:, None, :]
+        return l2_normalize(proj)
 
     def temperature(self) -> Array:
         # Floor at 0.01 (CLIP caps its logit scale at 100) so the logits cannot blow up.
@@ -331,13 +338,11 @@ class ROC(nnx.Module):
             raise ValueError("the retrieval head needs the relation descriptions")
         rels = self.encode_relations(relations)
         t = self.temperature()
-        logits = relation_scores(pair, rels, relations["mask"], self.config.description_mode, t)
-        if self.relation_bias is not None:
-            # Relations without descriptions keep NO_DESCRIPTION_SCORE: a bias must not revive them.
-            logits = jnp.where(relations["mask"].any(axis=-1)[None],
-                               logits + self.relation_bias[...][None], logits)
+        logits = relation_scores(pair, rels, relations["mask"], t)
+        if self.threshold_vector is not None:
+            th = pair @ l2_normalize(self.threshold_vector[...]) / t + self.threshold_bias[...]
+            logits = logits.at[:, self.config.none_index].set(th)
         return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
-
 
 PRETRAINED_PREFIXES = ("text", "vision", "description")
 
@@ -374,12 +379,13 @@ def _random_tokenizer() -> Any:
 
 
 def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: int = 0,
-                 description_dim: int | None = None) -> Built:
+                 description_dim: int | None = None, none_index: int = -1) -> Built:
     """Builds ROC from the ``config.model`` section: pretrained presets or random encoders.
 
     Random encoders only when ``model_cfg.random_init`` is True (the tiny config); a preset that
     fails to load raises, it never falls back to random weights. ``description_dim`` is needed
-    only when the description encoder is not built here (restoring from a cache).
+    only when the description encoder is not built here (restoring from a cache);
+    ``none_index`` (the id of ``None``) only with ``model.none_rule='threshold'``.
     """
     from roc_jax.models import weights
     from roc_jax.models.vit import ViT, ViTConfig
@@ -422,11 +428,11 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         fusion_layers=model_cfg.fusion_layers,
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
-        description_mode=model_cfg.description_mode,
         train_description_tower=model_cfg.train_description_tower,
-        # Checkpoints written before the option existed were trained without it.
-        center_descriptions=model_cfg.get("center_descriptions", False),
-        relation_bias=model_cfg.get("relation_bias", False),
+        # Checkpoints written before the options existed were trained without them.
+        none_rule=model_cfg.get("none_rule", "prototype"),
+        none_index=none_index,
+        relation_offsets=model_cfg.get("relation_offsets", False),
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
         prune_last_fusion_layer=model_cfg.get("prune_last_fusion_layer", True),
