@@ -15,7 +15,10 @@ the earlier steps as they were.
 
 A step whose files cannot be read (a corrupted chunk) raises ``UnreadableCheckpoint``, one line
 naming the step, the item folder, the reason and the steps that exist; training falls back to
-the newest step that reads (``roc_jax.train_lib.setup``).
+the newest step that reads (``roc_jax.train_lib.setup``). Not every damaged chunk fails to
+decode (zstd frames are written without a checksum: flipped bytes can decode to other numbers),
+so each step's ``meta`` also records checksums of the state's leaves (``state_checksums``),
+verified on restore.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocpm
 
@@ -155,6 +161,33 @@ def check_meta(meta: Mapping[str, Any], *, config: Any | None, label_names: Sequ
                                   "use a new --workdir or delete this one")
 
 
+@jax.jit
+def _checksums(leaves: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    out = []
+    for x in leaves:
+        x = jnp.asarray(x)
+        if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+            bits = x.astype(jnp.uint32)
+        elif x.dtype.itemsize == 2:
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        else:  # 4 bytes: one word; 8 bytes: two words per element
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        bits = bits.reshape(-1)
+        position = jnp.arange(1, bits.size + 1, dtype=jnp.uint32)
+        # Two sums modulo 2**32: any single changed word changes the first, a swap the second.
+        out.append(jnp.stack([bits.sum(dtype=jnp.uint32), (bits * position).sum(dtype=jnp.uint32)]))
+    return tuple(out)
+
+
+def state_checksums(state: Any) -> dict[str, list[int]]:
+    """``{leaf path: [sum, position-weighted sum]}`` of each leaf's bits (32-bit words, modulo
+    2**32), computed on the device: a few numbers per leaf, recorded in each step's ``meta``."""
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    sums = jax.device_get(_checksums(tuple(x for _, x in leaves)))
+    return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(c)]
+            for (path, _), c in zip(leaves, sums, strict=True)}
+
+
 def save(manager: ocp.CheckpointManager, step: int, *, state: Any, labels_args: Any,
          data_state: Any, meta: Mapping[str, Any], metrics: Mapping[str, float] | None = None,
          force: bool = False) -> bool:
@@ -167,7 +200,7 @@ def save(manager: ocp.CheckpointManager, step: int, *, state: Any, labels_args: 
         state=ocp.args.StandardSave(state),
         labels=labels_args,
         data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(dict(meta)),
+        meta=ocp.args.JsonSave({**meta, "state_checksums": state_checksums(state)}),
     )
     return manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=force)
 
@@ -230,7 +263,20 @@ def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any,
         ).restore(path, args=ocp.args.PyTreeRestore(
             item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
             partial_restore=True)))
+    _verify(manager, step, out["state"], out["meta"].get("state_checksums"))
     return out
+
+
+def _verify(manager: ocp.CheckpointManager, step: int, state: Any,
+            recorded: Mapping[str, Sequence[int]] | None) -> None:
+    if recorded is None:  # written before checksums were recorded
+        return
+    for path, sums in state_checksums(state).items():
+        if path in recorded and list(recorded[path]) != sums:
+            raise UnreadableCheckpoint(
+                f"checkpoint step {step} cannot be read: {manager.directory}/{step}/state (the "
+                f"data of {path} differs from the checksum recorded when it was saved: the files "
+                f"are damaged); saved steps: {sorted(manager.all_steps())}", step)
 
 
 def _restore_item(manager: ocp.CheckpointManager, step: int, item: str, read: Any) -> Any:

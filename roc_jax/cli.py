@@ -46,7 +46,14 @@ def _train(argv: list[str]) -> None:
 
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
-    result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    from roc_jax import checkpoint as ckpt
+
+    try:
+        result = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train_lib.Preempted as e:
+        sys.exit(f"{e}")  # status 1: the run is not finished
+    except ckpt.CheckpointError as e:  # a failed save, a workdir of another model, ...
+        sys.exit(f"error: {e}")
     dev = result["dev"]
     if dev is not None:
         print(f"step {result['step']}: dev micro-F1 {dev['f1']:.4f} (P {dev['precision']:.4f} "
@@ -129,13 +136,27 @@ def train_main() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _load_or_exit(workdir: str, checkpoint: str, **kwargs):
+    """``inference.load``; a checkpoint that is missing or unreadable ends the program with its
+    one-line message (exit status 1), not a traceback."""
+    from roc_jax import checkpoint as ckpt
+    from roc_jax import inference
+
+    try:
+        return inference.load(workdir, checkpoint=checkpoint, **kwargs)
+    except ckpt.UnreadableCheckpoint as e:
+        sys.exit(f"error: {e}; choose one with --checkpoint N")
+    except ckpt.CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+
 def _eval(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _setup_logging()
     from roc_jax import inference, metrics
 
-    loaded = inference.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint, data_dir=FLAGS.data_dir)
+    loaded = _load_or_exit(FLAGS.workdir, FLAGS.checkpoint, data_dir=FLAGS.data_dir)
     split = FLAGS.split or loaded.config.data.eval_split
     result = loaded.evaluate_split(split)
     result["step"] = loaded.step
@@ -175,7 +196,6 @@ def _predict(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _setup_logging()
-    from roc_jax import inference
     from roc_jax.labels import descriptions as desc_lib
 
     if (FLAGS.text is None) == (FLAGS.tokens is None):
@@ -184,7 +204,7 @@ def _predict(argv: list[str]) -> None:
     extra = None
     if FLAGS.extra_descriptions:
         extra = desc_lib.load_descriptions(FLAGS.extra_descriptions)
-    loaded = inference.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+    loaded = _load_or_exit(FLAGS.workdir, FLAGS.checkpoint)
     if FLAGS.text is not None:
         text, head, tail = FLAGS.text, None, None
     else:

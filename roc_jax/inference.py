@@ -99,7 +99,9 @@ def load(workdir: str | Path, *, checkpoint: str | int = "best", data_dir: str |
 
     Args:
       workdir: a training workdir (``train.py --workdir``).
-      checkpoint: ``'best'`` (dev micro-F1, default), ``'latest'`` or a step number.
+      checkpoint: ``'best'`` (dev micro-F1, default), ``'latest'`` or a step number. A step
+        whose files cannot be read raises ``checkpoint.UnreadableCheckpoint`` (one line: the
+        step, the folder, the reason and the saved steps); pass another step.
       data_dir: overrides the raw data folder recorded in the config (for ``evaluate_split``).
       mesh: defaults to every device.
 
@@ -120,9 +122,10 @@ def load(workdir: str | Path, *, checkpoint: str | int = "best", data_dir: str |
     n = mesh.devices.size
     config.train.batch_size = n * max(1, config.train.batch_size // n)
     config.train.eval_batch_size = n * max(1, -(-config.train.eval_batch_size // n))
+    # Only the parameters are read: the optimizer's moments are of no use here.
     exp = train_lib.setup(config, workdir, mesh=mesh, restore=step,
                           label_names=meta["label_names"],
-                          total_steps=int(meta.get("total_steps", 1)))
+                          total_steps=int(meta.get("total_steps", 1)), with_optimizer=False)
     return Loaded(config, list(meta["label_names"]), step, exp, meta)
 
 
