@@ -1,12 +1,13 @@
 """Orbax checkpoints: one ``CheckpointManager`` per workdir, one Composite per saved step.
 
-Items of a step (docs/contracts.md):
+Items of a step (docs/architecture.md, "Checkpoint Composite"):
 
 - ``state``: the train state pytree ``{'params', 'opt_state', 'step', 'rng'}`` (StandardSave);
 - ``labels``: the description cache (``roc_jax.labels.cache.save_args``), so eval and predict
   never re-encode the descriptions;
 - ``data``: the input iterator's state (JSON), so a resumed run sees the same batches;
-- ``meta``: config, label names, library versions and ``FORMAT_VERSION`` (JSON).
+- ``meta``: config, label names, library versions, ``FORMAT_VERSION``, the raw data's
+  fingerprint (``data_fingerprint``) and the state's checksums (``state_checksums``) (JSON).
 
 Retention: the latest step (to resume) and the best step by dev micro-F1 (to evaluate). Orbax
 writes each step to a temporary folder and renames it when complete, so a kill mid-save never
