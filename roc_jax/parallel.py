@@ -7,7 +7,10 @@ all-reduce inside the single jit-compiled step.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,15 +19,60 @@ from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
+log = logging.getLogger("roc_jax")
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-    """Joins a multi-host run (TPU pod slice, multi-node GPU) through ``jax.distributed``.
 
-    The coordinator address and process ids come from the environment (cloud TPU sets them; on
-    GPU clusters set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def distributed_args(cfg: Any) -> dict[str, Any] | None:
+    """The ``jax.distributed.initialize`` arguments of ``config.distributed``; None: one process.
+
+    A run is multi-process when ``cfg.enabled`` is True or ``JAX_COORDINATOR_ADDRESS`` is set
+    (``tools/launch_local.py`` sets it). Each value comes from the config when set there (``''``
+    and ``-1`` are unset), else from ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``, else None: jax detects it (Cloud TPU, SLURM, Open MPI).
     """
-    if enabled:
-        jax.distributed.initialize()
+    env_address = os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if not (cfg.enabled or env_address):
+        return None
+    num = int(cfg.num_processes) if int(cfg.num_processes) > 0 else _env_int("JAX_NUM_PROCESSES")
+    pid = int(cfg.process_id) if int(cfg.process_id) >= 0 else _env_int("JAX_PROCESS_ID")
+    return {"coordinator_address": cfg.coordinator_address or env_address or None,
+            "num_processes": num, "process_id": pid}
+
+
+def initialize_distributed(cfg: Any) -> bool:
+    """Joins a multi-process run through ``jax.distributed``; True when the run has several.
+
+    Must run before anything else touches a JAX device (jax raises otherwise). Calling it again
+    in a process that already joined does nothing. On CPU the cross-process collectives are gloo,
+    so processes on one or several machines form one mesh (``make_mesh``).
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    args = distributed_args(cfg)
+    if args is None:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**args)
+    except ValueError as e:
+        raise ValueError(
+            f"jax.distributed.initialize({args}): {e}. Outside Cloud TPU and SLURM, set "
+            "--config.distributed.coordinator_address/num_processes/process_id or "
+            "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID "
+            "(docs/multihost.md)") from e
+    log.info("process %d of %d: %d local devices of %d", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return jax.process_count() > 1
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
@@ -48,9 +96,24 @@ def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def replicate(tree, mesh: jax.sharding.Mesh):
-    """Places every leaf of ``tree`` on every device of ``mesh``."""
-    return jax.device_put(tree, replicated(mesh))
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Every leaf of ``tree`` copied onto every device of ``mesh``, as replicated global arrays.
+
+    Built from the host value with ``make_array_from_callback``, because ``device_put`` cannot
+    move an array of this process onto other processes' devices; each process must pass the same
+    value (the same seed, files and restored values give that). The copies never share buffers
+    with ``tree``, so the result may be donated.
+    """
+    sharding = replicated(mesh)
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

@@ -1,8 +1,10 @@
-"""The grain input pipeline: TFDS examples -> bucketed, checkpointable batches (contracts.md).
+"""The grain input pipeline: TFDS examples -> bucketed, checkpointable batches.
+
+The examples and batches are those of docs/architecture.md.
 
 Input: any random-access source (``__len__``, ``__getitem__``) of "TFDS example" dicts, e.g.
 ``tfds.data_source(...)``, a plain list, or ``SampleSource`` over reader ``Sample`` records.
-Output: ``dict[str, np.ndarray]`` batches with exactly the keys and dtypes of contracts.md "Batch".
+Output: ``dict[str, np.ndarray]`` batches with exactly the keys and dtypes of "Batch" there.
 
 How it works, and why:
 
@@ -29,7 +31,8 @@ How it works, and why:
   the next step: ``get_state() -> {'format', 'fingerprint', 'next_step'}`` (JSON), and
   ``set_state`` restarts grain at that step, exactly, whatever ``num_workers`` is.
 - Eval batches keep the source order, are padded to the full batch with ``mask`` False rows, so
-  that no sample is dropped and every sample appears exactly once.
+  that no sample is dropped and every sample appears exactly once; with several hosts each takes
+  its rows of every global batch as in training (a host's rows may all be padding).
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class PipelineConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Examples: the TFDS example dict (contracts.md), and an adapter from reader Samples.
+# Examples: the TFDS example dict (docs/architecture.md), and an adapter from reader Samples.
 
 
 def _str(value: Any) -> str:
@@ -103,7 +106,7 @@ def _str(value: Any) -> str:
 def sample_to_example(
     sample: Sample, image_size: int, rel2id: Mapping[str, int], *, load: bool = True
 ) -> dict[str, Any]:
-    """A reader ``Sample`` -> the TFDS example dict of contracts.md.
+    """A reader ``Sample`` -> the TFDS example dict of docs/architecture.md.
 
     The image is decoded and squashed to ``[image_size, image_size, 3]`` uint8 (zeros and
     ``has_image`` False when ``image_path`` is None, or when ``load`` is False: the text-only view).
@@ -327,7 +330,7 @@ class _Plan:
 
 
 class _Assemble:
-    """grain map: a plan element -> a Batch dict (contracts.md). Runs in grain threads/workers.
+    """grain map: a plan element -> a Batch dict (docs/architecture.md). Runs in grain threads/workers.
 
     The table's columns get one extra all-zero row (index ``N``) that padding rows (-1) point at,
     so a batch is a handful of gathers, without per-key masking.
@@ -454,6 +457,11 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     def table(self) -> TextTable:
         return self._pipeline.table
 
+    def local_indices(self, step: int) -> np.ndarray:
+        """int64 ``[batch_size // shard_count]``: the source records (-1: padding) of this host's
+        rows of global step ``step``, whose batch ``__next__`` yields at that step."""
+        return np.asarray(self._pipeline.plan[step]["indices"])
+
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._iter)
         self._step += 1
@@ -501,6 +509,11 @@ class EvalBatches:
 
     def __len__(self) -> int:
         return self._pipeline.plan.per_epoch
+
+    def local_indices(self, batch: int) -> np.ndarray:
+        """int64 ``[batch_size // shard_count]``: the source records (-1: padding, ``mask``
+        False) of this host's rows of batch ``batch``."""
+        return np.asarray(self._pipeline.plan[batch]["indices"])
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         it = self._pipeline.grain_iterator(0)
