@@ -1,5 +1,5 @@
-"""Shared helpers of the CPU benchmarks: the machine's description, interleaved timing, the matmul
-probe that stands for the hardware's limit, and peak resident memory.
+"""What the CPU and GPU benchmarks share: the machine's description, the timers, the matmul probe
+(the MFU denominator), the analytic FLOP count of the ROC train step and a synthetic batch.
 
 Timing on a shared machine: one side timed after the other measures the neighbours' load, not the
 code; so the functions under comparison run in alternating blocks (``time_interleaved``) and each
@@ -15,13 +15,27 @@ import shutil
 import statistics
 import subprocess
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+# The optimizer settings of configs/mnre.py, for steps built outside a config.
+TRAIN_CFG = types.SimpleNamespace(lr_encoder=1e-5, lr_head=1e-3, warmup_ratio=0.1,
+                                  weight_decay=0.01, grad_clip=1.0)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return None
+
 
 def machine() -> dict[str, Any]:
-    """CPU model (``/proc/cpuinfo``), cores, memory, load, library versions, XLA flags."""
+    """CPU model (``/proc/cpuinfo``), SIMD units, cores, memory, load, GPUs, library versions."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count()}
     try:
@@ -38,39 +52,31 @@ def machine() -> dict[str, Any]:
         pass
     info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     if shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                               capture_output=True, text=True, check=False)
-        info["gpus"] = query.stdout.split("\n")[:-1] if query.returncode == 0 else []
-    versions = {}
-    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "grain"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    info["versions"] = versions
-    info["env"] = {k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS",
-                                                   "JAX_PLATFORMS") if os.environ.get(k)}
+        info["gpus"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                      capture_output=True, text=True).stdout.split("\n")[:-1]
+    info["versions"] = {name: _version(name) for name in (
+        "jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "grain")}
+    info["env"] = {k: os.environ[k] for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_PLATFORMS",
+                                              "GLIBC_TUNABLES") if os.environ.get(k)}
     return info
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: int,
-                     sync: Callable[[Any], Any] = lambda x: x,
-                     usage: dict[str, dict[str, list[float]]] | None = None
+                     sync: Callable[[Any], Any] = lambda x: x, usage: dict | None = None
                      ) -> dict[str, list[float]]:
     """Seconds per call, one entry per block of ``iters`` calls, for each of ``repeats`` rounds.
 
     The functions' blocks alternate within each round so that every side sees the same load over
     time. ``sync`` is applied to a block's last result (e.g. ``jax.block_until_ready``) so that
     asynchronous dispatch does not end a block early. If ``usage`` is a dict, it receives per
-    name and block the process's minor page faults and kernel (system) seconds per call.
+    name the minor page faults and kernel (system) seconds per call of each block.
     """
     out: dict[str, list[float]] = {name: [] for name in fns}
     if usage is not None:
         usage.update({name: {"minor_faults": [], "sys_s": []} for name in fns})
     for _ in range(repeats):
         for name, fn in fns.items():
-            ru = resource.getrusage(resource.RUSAGE_SELF)
-            start = time.perf_counter()
+            ru, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             for _ in range(iters):
                 result = fn()
             sync(result)
@@ -82,6 +88,21 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: int
     return out
 
 
+def chunked_rate(step: Callable[[], Any], sync: Callable[[Any], Any], batch: int, seconds: float,
+                 chunk: int) -> tuple[float, int]:
+    """Runs ``step`` for ``seconds`` in chunks of ``chunk`` calls, each ended by ``sync``:
+    (median examples/s over the chunks, steps run)."""
+    rates, steps, start = [], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        for _ in range(chunk):
+            out = step()
+        sync(out)
+        rates.append(chunk * batch / (time.perf_counter() - t0))
+        steps += chunk
+    return statistics.median(rates), steps
+
+
 def rate_summary(seconds_per_call: list[float], examples_per_call: int) -> dict[str, Any]:
     """Median (the figure) and best examples/s of timed blocks, with the raw blocks."""
     med = statistics.median(seconds_per_call)
@@ -89,44 +110,125 @@ def rate_summary(seconds_per_call: list[float], examples_per_call: int) -> dict[
             min(seconds_per_call), "s_per_call_blocks": [round(s, 5) for s in seconds_per_call]}
 
 
-def matmul_flops(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> dict[str, Any]:
-    """Measured ``n x n @ n x n`` throughput of XLA on this machine (the MFU denominator).
-
-    Median over ``repeats`` single products after one warm-up (compile) call.
-    """
+def matmul_probe(n: int, dtype: str = "float32") -> tuple[Callable[[], Any], float]:
+    """``(call, flops)``: an ``n x n @ n x n`` XLA product on the default device, compiled, and
+    its FLOPs. Its measured rate is the MFU denominator: the limit the hardware reaches through
+    the same compiler."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm = jax.jit(jnp.dot)
-    jax.block_until_ready(mm(a, b))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(mm(a, b))
-        times.append(time.perf_counter() - t0)
-    flops = 2.0 * n**3
-    return {"n": n, "dtype": dtype, "flops_per_s": flops / statistics.median(times),
-            "best_flops_per_s": flops / min(times), "s_blocks": [round(t, 5) for t in times]}
+    jax.block_until_ready(mm(a, a))
+    return (lambda: mm(a, a)), 2.0 * n**3
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident set size in GB: ``VmHWM`` of ``/proc/self/status``.
+def matmul_flops(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> dict[str, Any]:
+    """The probe's FLOP/s: median over ``repeats`` products."""
+    import jax
 
-    Not ``ru_maxrss`` alone: Linux carries the parent's high-water mark over fork + exec into the
-    child's ``ru_maxrss`` (a child of a big benchmark process reports the parent's peak), while
-    ``VmHWM`` belongs to the current address space. ``ru_maxrss`` is the fallback off Linux.
+    call, flops = matmul_probe(n, dtype)
+    secs = time_interleaved({"mm": call}, repeats, 1, jax.block_until_ready)["mm"]
+    return {"n": n, "dtype": dtype, "flops_per_s": flops / statistics.median(secs),
+            "s_blocks": [round(t, 5) for t in secs]}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs: analytic, matmuls only, a multiply-add = 2 FLOPs, training = 3 x forward.
+
+
+def layer_flops(n: int, d: int, f: int, queries: int | None = None) -> float:
+    """Forward FLOPs of one transformer layer of width ``d``, MLP width ``f``, over ``n`` tokens,
+    computing the outputs of ``queries`` of them (all when None): keys and values for all n,
+    the rest for the queries. ``2n(4d^2 + 2df) + 4n^2 d`` when every position is computed."""
+    q = n if queries is None else queries
+    return 4 * n * d * d + 2 * q * (2 * d * d + 2 * d * f) + 4 * q * n * d
+
+
+def _dim(cfg: Any, key: str) -> int:
+    return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
+
+
+def train_flops_per_example(text: Any, seq: int, batch: int, relations: tuple[int, int],
+                            vision: Any = None, image_size: int = 0, fusion: int = 2,
+                            proj: int = 256, pruned: bool = True,
+                            object_tails: bool = False) -> float:
+    """Training FLOPs per example of ROC: the text layers over ``seq`` tokens; with ``vision``,
+    patch embedding ``2N(3p^2)dv``, its layers over ``T = N + 1`` tokens and the projection
+    ``2T dv d``; ``fusion`` layers over all tokens; pair head ``2(2d d + d P) + 2RP``; relation
+    projection ``2RK Dd P`` per step over ``batch``. Norms, softmax, optimizer not counted.
+
+    ``text``/``vision``: configs (dataclass or HF dict); ``relations``: (R, K). ``pruned``: the
+    last fusion layer at the two markers (``prune_last_fusion_layer``; plus the image tokens when
+    the batch has object-tail fields, ``object_tails``); the field's PyTorch code computes all.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    d, f = _dim(text, "hidden_size"), _dim(text, "intermediate_size")
+    r, k = relations
+    fwd = _dim(text, "num_hidden_layers") * layer_flops(seq, d, f)
+    tokens, t = seq, 0
+    if vision is not None:
+        dv, fv, p = (_dim(vision, k) for k in ("hidden_size", "intermediate_size", "patch_size"))
+        patches = (image_size // p) ** 2
+        t = patches + 1
+        fwd += 2 * patches * 3 * p * p * dv + _dim(vision, "num_hidden_layers") * layer_flops(
+            t, dv, fv) + 2 * t * dv * d
+        tokens += t
+    queries = (2 + (t if object_tails else 0)) if pruned else None
+    fwd += (fusion - 1) * layer_flops(tokens, d, f) + layer_flops(tokens, d, f, queries)
+    fwd += 2 * (2 * d * d + d * proj) + 2 * r * proj + 2 * r * k * d * proj / batch
+    return 3 * fwd
 
 
-def ru_maxrss_gb() -> float:
-    """``getrusage(RUSAGE_SELF).ru_maxrss`` in GB (KiB on Linux); see ``peak_rss_gb``."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+def synthetic_batch(batch: int, seq: int, image_size: int = 0, relations: int = 23, seed: int = 0,
+                    object_tail_fields: bool = True) -> dict[str, np.ndarray]:
+    """A Batch (docs/architecture.md) with real-looking lengths; values do not change the cost.
+
+    Every row has an image when ``image_size`` > 0 (so the image tower always runs).
+    ``object_tail_fields``: the ``tail_box``/``tail_is_object`` keys, all empty, as the pipeline
+    gives MNRE batches (with them the pruned last fusion layer also computes the image tokens).
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(seq // 2, seq + 1, size=batch)
+    mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+    out = {
+        "input_ids": np.where(mask, rng.integers(1000, 30000, size=(batch, seq)), 0).astype(
+            np.int32),
+        "attention_mask": mask,
+        "head_index": rng.integers(1, seq // 4, size=batch).astype(np.int32),
+        "tail_index": rng.integers(seq // 4, seq // 2, size=batch).astype(np.int32),
+        "has_image": np.full(batch, image_size > 0),
+        "label": rng.integers(0, relations, size=batch).astype(np.int32),
+        "mask": np.ones(batch, bool),
+    }
+    out["input_ids"][:, 0] = 101  # [CLS]
+    if object_tail_fields:
+        out["tail_box"] = np.zeros((batch, 4), np.float32)
+        out["tail_is_object"] = np.zeros(batch, bool)
+    if image_size:
+        out["pixel_values"] = rng.standard_normal((batch, image_size, image_size, 3)).astype(
+            np.float32)
+    return out
+
+
+def synthetic_relations(relations: int = 23, descriptions: int = 5, dim: int = 384, seed: int = 1
+                        ) -> dict[str, np.ndarray]:
+    """Description embeddings ``[R, K, D]`` and their mask, as the description cache holds them
+    (23 MNRE relations x 5 descriptions); the values do not change the cost."""
+    rng = np.random.default_rng(seed)
+    return {"embeddings": rng.standard_normal((relations, descriptions, dim)).astype(np.float32),
+            "mask": np.ones((relations, descriptions), bool)}
+
+
+def torch_batch(batch: dict[str, np.ndarray], device: Any = "cpu") -> dict[str, Any]:
+    """``batch`` as torch tensors on ``device``: integer indices as int64, images NCHW."""
+    import torch
+
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        if k in ("input_ids", "head_index", "tail_index", "label"):
+            t = t.long()
+        if k == "pixel_values":
+            t = t.permute(0, 3, 1, 2).contiguous()
+        out[k] = t
+    return out

@@ -1,19 +1,14 @@
-"""Input-pipeline throughput on real MNRE text, against what a MiniLM-L6 train step consumes.
+"""Input-pipeline throughput on real MNRE text, against what the MiniLM-L6 train step consumes.
 
-    ROC_MNRE_DIR=/path/to/mnre python benchmarks/input_pipeline.py [--out FILE]
-    python benchmarks/input_pipeline.py --train-step-only --out FILE   # on an accelerator host
+Batches/s of ``make_train_iterator`` (global batch 32, max_len 80, typed markers, buckets
+32/48/64/80) on ``mnre_train.txt``, median of 5 repeats after a warm-up, in three settings: text
+only; images as the data folder has them (a missing image gives zeros and ``has_image`` False);
+and every sample pointed at one of the folder's JPEGs, the decode and resize cost of a complete
+``img_org/`` through ``SampleSource`` (a TFDS source stores images already resized, so it is
+cheaper). The one-off text-table build (tokenizing the split) is reported apart. The train step's
+examples/s comes from ``--train-step-json`` (``summary.jax_ex_per_s`` of a train_step.py file).
 
-Pipeline figures: batches/s of ``make_train_iterator`` (global batch 32, max_len 80, typed markers,
-buckets 32/48/64/80) on ``mnre_train.txt`` (12,247 samples), after a warm-up, in three settings:
-text only; images as they exist here (32 train JPEGs, every other sample's image missing, so its
-pixels are zeros); and every sample pointed at one of the real JPEGs (800x600 decode + resize to
-224), which is what a complete ``img_org/`` costs through ``SampleSource`` (the TFDS source stores
-images already resized, so it is cheaper). The one-off text table build (tokenization of the whole
-split) is reported apart.
-
-Train-step figure: ``benchmarks/results/train_step.json`` (its examples/s) when it exists, else
-``--train-step-json`` (a file written by ``--train-step-only``), else a rough forward+backward+adamw
-step of a MiniLM-L6-shaped ``BertEncoder`` (random weights; only the speed matters) measured here.
+    ROC_MNRE_DIR=/path/to/mnre python benchmarks/input_pipeline.py [--train-step-json FILE]
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,77 +25,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import benchlib  # noqa: E402
 
 BATCH, MAX_LEN = 32, 80
-# all-MiniLM-L6-v2's config.json (the shape is what matters for a timing).
-MINILM_L6 = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 384,
-             "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536,
-             "hidden_act": "gelu", "max_position_embeddings": 512, "type_vocab_size": 2,
-             "layer_norm_eps": 1e-12, "pad_token_id": 0}
 CLIP_SPEC = (224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu_model"] = names[0] if names else None
-    except OSError:
-        pass
-    return info
-
-
-def measure_train_step(steps: int = 30, dtype: str = "float32") -> dict:
-    """Rough MiniLM-L6 train step: forward, backward and adamw on one [32, 80] batch.
-
-    ``dtype`` is the compute dtype (parameters stay float32).
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from roc_jax.models.bert import BertConfig, BertEncoder
-
-    model = BertEncoder(BertConfig.from_hf(MINILM_L6), dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0))
-    model.eval()  # no dropout rng plumbing; dropout does not change the step's cost much
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adamw(1e-4)
-    opt_state = tx.init(params)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1000, 30000, (BATCH, MAX_LEN)), jnp.int32)
-    mask = jnp.ones((BATCH, MAX_LEN), jnp.int32)
-    head = jnp.asarray(rng.integers(0, MAX_LEN, BATCH), jnp.int32)
-
-    def loss_fn(p):
-        hidden = nnx.merge(graphdef, p, rest)(ids, mask)
-        pair = hidden[jnp.arange(BATCH), head]
-        return jnp.mean(jnp.square(pair.astype(jnp.float32)))
-
-    @jax.jit
-    def step(p, s):
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, s = tx.update(grads, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
-    params, opt_state, loss = step(params, opt_state)  # compile
-    jax.block_until_ready(loss)
-    start = time.perf_counter()
-    for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state)
-    jax.block_until_ready(loss)
-    seconds = (time.perf_counter() - start) / steps
-    return {"what": f"MiniLM-L6 BertEncoder fwd+bwd+adamw, batch 32 x 80, {dtype} compute, random weights",
-            "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-            "jax": jax.__version__, "steps_per_s": 1 / seconds,
-            "examples_per_s": BATCH / seconds, "step_ms": seconds * 1e3, "steps_timed": steps}
-
-
 def time_batches(make, n: int, repeats: int = 5, warmup: int = 5) -> dict:
-    """``repeats`` timings of ``n`` batches each from one iterator; the median is the figure
-    (this machine is shared, so single timings are noisy)."""
+    """``repeats`` timings of ``n`` batches each from one iterator; the median is the figure."""
     it = make()
     for _ in range(warmup):
         next(it)
@@ -176,71 +109,31 @@ def pipeline_figures(mnre_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/input_pipeline.json"))
-    parser.add_argument("--train-step-only", action="store_true")
-    parser.add_argument("--train-step-json", default=None,
-                        help="a file written by --train-step-only on the training accelerator")
+    parser.add_argument("--train-step-json", default=str(REPO / "benchmarks/results/train_step.json"),
+                        help="a train_step.py results file: the step whose consumption is compared")
     args = parser.parse_args()
-    if args.train_step_only:
-        steps = [measure_train_step(dtype=d) for d in ("float32", "bfloat16")]
-        # The faster step is the stricter consumer for the pipeline.
-        figures = {"machine": machine(), "train_step": max(steps, key=lambda s: s["examples_per_s"]),
-                   "all_train_steps": steps}
-        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
-        print(json.dumps(figures, indent=2))
-        return
-
     mnre_dir = Path(os.environ.get("ROC_MNRE_DIR", ""))
     if not (mnre_dir / "mnre_train.txt").exists():
         sys.exit("set ROC_MNRE_DIR to the MNRE folder (with mnre_train.txt)")
-    figures = {"benchmark": "input_pipeline", "machine": machine(),
+    figures = {"benchmark": "input_pipeline", "machine": benchlib.machine(),
                "batch_size": BATCH, "max_len": MAX_LEN, "marker_style": "typed",
                "buckets": [32, 48, 64, 80], "tokenizer": "all-MiniLM-L6-v2 (offline package)"}
     figures["load_average_before"] = list(os.getloadavg())
     figures.update(pipeline_figures(mnre_dir))
     figures["load_average_after"] = list(os.getloadavg())
-    figures["notes"] = [
-        "Pipeline figures come from this machine (see machine, load averages): when it is shared "
-        "with other jobs the figures are noisy and low; each is the median of 5 repeats.",
-        f"Images: only {figures['data']['real_jpegs_available']} real MNRE JPEGs exist here "
-        f"({figures['data']['images_present']} train samples have theirs, "
-        f"{figures['data']['images_missing']} are missing: zeros and has_image False). "
-        "'images_all_present_jpeg_decode' points every sample at one of the real 800x600 JPEGs "
-        "to show the decode cost of a complete img_org/ through SampleSource; a TFDS source "
-        "stores images already resized, which is cheaper.",
-        "ratio_vs_train_step = text-only pipeline batches/s over the batches/s that the "
-        "MiniLM-L6 train step consumes (batch 32 x 80); the step's machine is in train_step.",
-    ]
 
-    train_step_file = REPO / "benchmarks/results/train_step.json"
-    if train_step_file.exists():
-        step = json.loads(train_step_file.read_text())
-        step_source = str(train_step_file.relative_to(REPO))
-        # The JAX minilm-l6 text-only train step measured on this CPU by train_step.py.
-        examples_per_s = step["summary"]["jax_ex_per_s"]
-        step = {"summary": step["summary"], "machine": step.get("machine")}
-    elif args.train_step_json:
-        step = json.loads(Path(args.train_step_json).read_text())
-        step_source = ("measured with --train-step-only on "
-                       + step["train_step"].get("device", step["machine"].get("cpu_model", "?")))
-        examples_per_s = step["train_step"]["examples_per_s"]
-    else:
-        step = {"train_step": measure_train_step(), "machine": machine()}
-        step_source = "measured here (CPU): a rough figure, far below an accelerator's"
-        examples_per_s = step["train_step"]["examples_per_s"]
-    figures["train_step"] = {"source": step_source, **step}
-
+    step = json.loads(Path(args.train_step_json).read_text())
+    examples_per_s = step["summary"]["jax_ex_per_s"]
+    figures["train_step"] = {"source": args.train_step_json, "summary": step["summary"]}
     text = figures["settings"]["text_only"]["batches_per_s"]
-    consumed = examples_per_s / BATCH if examples_per_s else None
+    consumed = examples_per_s / BATCH
+    settings = figures["settings"]
     figures["summary"] = {
-        "batches_per_s": text,
-        "batches_per_s_images_as_available":
-            figures["settings"]["images_as_available"]["batches_per_s"],
+        "batches_per_s": text, "train_step_batches_per_s": consumed,
+        "batches_per_s_images_as_available": settings["images_as_available"]["batches_per_s"],
         "batches_per_s_images_all_present":
-            figures["settings"]["images_all_present_jpeg_decode"]["batches_per_s"],
-        "train_step_batches_per_s": consumed,
-        "ratio_vs_train_step": text / consumed if consumed else None,
-        "target_ratio": 10.0,
-    }
+            settings["images_all_present_jpeg_decode"]["batches_per_s"],
+        "ratio_vs_train_step": text / consumed}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures["summary"], indent=2))

@@ -1,12 +1,9 @@
-"""The ROC model and train step written in PyTorch with `transformers`, for side-by-side timings.
+"""ROC and its train step in PyTorch with ``transformers``, the reference for the benchmarks.
 
-It mirrors `roc_jax.models.roc.ROC` layer for layer (BERT text tower, optional ViT image tower
-projected to the text width with a learned image-type vector, N BERT fusion layers over the
-concatenated tokens, pair vector from the head/tail marker states -> Linear -> GELU -> LayerNorm
--> projection -> L2 norm, relation vectors from description embeddings projected and normalized,
-cosine / learned temperature, the 'mean' description combination, cross-entropy) with AdamW, so
-that the benchmarks time the same computation in both frameworks. It is a benchmark reference,
-not part of the library.
+It mirrors ``roc_jax.models.roc.ROC`` layer for layer (text tower, optional image tower projected
+to the text width plus an image-type vector, BERT fusion layers over the concatenated tokens, pair
+vector from the marker states -> Linear -> GELU -> LayerNorm -> projection, relation vectors from
+the projected descriptions, cosine / learned temperature, cross-entropy) with AdamW.
 """
 
 from __future__ import annotations
@@ -25,12 +22,8 @@ class TorchROC(nn.Module):
     def __init__(self, text: nn.Module, text_config: Any, vision: nn.Module | None,
                  vision_dim: int | None, description_dim: int, fusion_layers: int = 2,
                  proj_dim: int = 256, temperature_init: float = 0.07,
-                 pair_gelu: str = "none", prune_last_fusion_layer: bool = False):
+                 pair_gelu: str = "none"):
         super().__init__()
-        # False, the field's code (HVPNeT, MKGformer): every position of every layer. True: the
-        # last fusion layer at the two marker positions alone, as roc_jax does by default
-        # (``bert_layer_at``), to show what that change is worth in PyTorch too.
-        self.prune_last_fusion_layer = prune_last_fusion_layer
         # "tanh" matches roc_jax's pair MLP (jax.nn.gelu's default approximation); "none" (exact)
         # is PyTorch's default. The cost is the same; parity checks need the match.
         self.pair_gelu = pair_gelu
@@ -62,14 +55,10 @@ class TorchROC(nn.Module):
             mask = torch.cat([mask, has], dim=1)
         additive = (~mask)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
         markers = torch.stack([batch["head_index"], batch["tail_index"]], dim=1)  # [B, 2]
-        last = len(self.fusion) - 1 if self.prune_last_fusion_layer else len(self.fusion)
-        for layer in self.fusion[:last]:
+        for layer in self.fusion:  # every position of every layer, as the field's code does
             out = layer(x, attention_mask=additive)
             x = out[0] if isinstance(out, tuple) else out
-        if last < len(self.fusion):
-            pair = bert_layer_at(self.fusion[last], x, additive, markers).flatten(1)
-        else:
-            pair = torch.gather(x, 1, markers[..., None].expand(-1, -1, x.shape[-1])).flatten(1)
+        pair = torch.gather(x, 1, markers[..., None].expand(-1, -1, x.shape[-1])).flatten(1)
         h = self.pair_norm(F.gelu(self.pair_mlp(pair), approximate=self.pair_gelu))
         pair = F.normalize(self.pair_proj(h).float(), dim=-1)
         desc = F.normalize(self.rel_proj(rel_emb).float(), dim=-1)  # [R, K, P]
@@ -77,25 +66,6 @@ class TorchROC(nn.Module):
         rel = F.normalize((desc * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)  # [R, P]
         t = self.log_temperature.exp().clamp_min(0.01)
         return pair @ rel.T / t
-
-
-def bert_layer_at(layer: nn.Module, x: torch.Tensor, additive: torch.Tensor,
-                  positions: torch.Tensor) -> torch.Tensor:
-    """``transformers``' ``BertLayer`` output at ``positions [B, Q]`` alone: ``[B, Q, D]``.
-
-    Keys and values from every position of ``x [B, L, D]`` (``additive [B, 1, 1, L]`` masks
-    them); queries, attention output and FFN for the Q positions, through the layer's own modules.
-    """
-    sa, b, n, d = layer.attention.self, *x.shape
-    heads, hd = sa.num_attention_heads, sa.attention_head_size
-    xq = torch.gather(x, 1, positions[..., None].expand(-1, -1, d))
-    q = sa.query(xq).view(b, -1, heads, hd).transpose(1, 2)
-    k = sa.key(x).view(b, n, heads, hd).transpose(1, 2)
-    v = sa.value(x).view(b, n, heads, hd).transpose(1, 2)
-    probs = sa.dropout(torch.softmax(q @ k.transpose(-1, -2) * hd**-0.5 + additive, dim=-1))
-    ctx = (probs @ v).transpose(1, 2).reshape(b, -1, d)
-    attended = layer.attention.output(ctx, xq)
-    return layer.output(layer.intermediate(attended), attended)
 
 
 def make_train_step(model: TorchROC, lr: float = 1e-5, *, bf16: bool = False):

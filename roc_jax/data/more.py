@@ -16,7 +16,7 @@ f523eede, read through the code search tool):
 This reader takes the tail's box from ``t['box']`` when the line has it, else from the
 ``ent_<split>_dict.pth`` entry of ``img_id`` and the tail's name (as the loader does; that file
 needs ``torch`` to read). It stores the box as corners ``(x0, y0, x1, y1)`` normalized to
-``[0, 1]``, the convention of ``records.Entity.box`` and of the TFDS example (contracts.md).
+``[0, 1]``, the convention of ``records.Entity.box`` and of the TFDS example (docs/architecture.md).
 MORE's data itself is not available here, so the format is tested on fixtures written from the
 loader's description.
 """

@@ -59,7 +59,7 @@ class RocDataConfig(tfds.core.BuilderConfig):
 
 
 def features(image_size: int) -> tfds.features.FeaturesDict:
-    """The TFDS example of contracts.md ("TFDS example"), plus ``source`` (``file:line``)."""
+    """The TFDS example (docs/architecture.md), plus ``source`` (``file:line``)."""
     text = tfds.features.Text()
     return tfds.features.FeaturesDict({
         "tokens": tfds.features.Sequence(text),

@@ -7,7 +7,7 @@ Build (no TensorFlow needed)::
         tfds.builder('mnre/mnre2').download_and_prepare(download_config= \
         tfds.download.DownloadConfig(manual_dir='~/tensorflow_datasets/downloads/manual/mnre'))"
 
-Read: ``tfds.data_source('mnre/mnre2', split='train')[i]`` (the example of contracts.md).
+Read: ``tfds.data_source('mnre/mnre2', split='train')[i]`` (the example of docs/architecture.md).
 """
 
 from __future__ import annotations
