@@ -136,7 +136,6 @@ def test_sequence_longer_than_positions_is_rejected():
         model(jnp.ones((1, 65), jnp.int32))
 
 
-@pytest.mark.slow  # real weights (still offline)
 def test_minilm_l6_real_weights_parity():
     model, tokenizer, config = weights.load_text_encoder("minilm-l6")
     assert (config.hidden_size, config.num_hidden_layers) == (384, 6)

@@ -65,7 +65,6 @@ def closed_hub(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- dinov2-s14-offline
 
 
-@pytest.mark.slow  # real weights (still offline)
 def test_dinov2_offline_matches_onnx_backbone_and_transformers(dinov2_folder):
     import onnx
     import onnxruntime as ort
