@@ -1,9 +1,8 @@
 """What the CPU and GPU benchmarks share: the machine's description, the timers, the matmul probe
 (the MFU denominator), the analytic FLOP count of the ROC train step and a synthetic batch.
 
-Timing on a shared machine: one side timed after the other measures the neighbours' load, not the
-code; so the functions under comparison run in alternating blocks (``time_interleaved``) and each
-figure is the median block.
+On a shared machine one side timed after the other measures the neighbours' load, so compared
+functions run in alternating blocks (``time_interleaved``) and each figure is the median block.
 """
 
 from __future__ import annotations
@@ -133,9 +132,6 @@ def matmul_flops(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> dic
             "s_blocks": [round(t, 5) for t in secs]}
 
 
-# ---------------------------------------------------------------------------------------------
-# FLOPs: analytic, matmuls only, a multiply-add = 2 FLOPs, training = 3 x forward.
-
 
 def layer_flops(n: int, d: int, f: int, queries: int | None = None) -> float:
     """Forward FLOPs of one transformer layer of width ``d``, MLP width ``f``, over ``n`` tokens,
@@ -143,10 +139,6 @@ def layer_flops(n: int, d: int, f: int, queries: int | None = None) -> float:
     the rest for the queries. ``2n(4d^2 + 2df) + 4n^2 d`` when every position is computed."""
     q = n if queries is None else queries
     return 4 * n * d * d + 2 * q * (2 * d * d + 2 * d * f) + 4 * q * n * d
-
-
-def _dim(cfg: Any, key: str) -> int:
-    return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
 
 
 def train_flops_per_example(text: Any, seq: int, batch: int, relations: tuple[int, int],
@@ -162,6 +154,9 @@ def train_flops_per_example(text: Any, seq: int, batch: int, relations: tuple[in
     last fusion layer at the two markers (``prune_last_fusion_layer``; plus the image tokens when
     the batch has object-tail fields, ``object_tails``); the field's PyTorch code computes all.
     """
+    def _dim(cfg: Any, key: str) -> int:
+        return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
+
     d, f = _dim(text, "hidden_size"), _dim(text, "intermediate_size")
     r, k = relations
     fwd = _dim(text, "num_hidden_layers") * layer_flops(seq, d, f)
@@ -181,12 +176,9 @@ def train_flops_per_example(text: Any, seq: int, batch: int, relations: tuple[in
 
 def synthetic_batch(batch: int, seq: int, image_size: int = 0, relations: int = 23, seed: int = 0,
                     object_tail_fields: bool = True) -> dict[str, np.ndarray]:
-    """A Batch (docs/architecture.md) with real-looking lengths; values do not change the cost.
-
-    Every row has an image when ``image_size`` > 0 (so the image tower always runs).
-    ``object_tail_fields``: the ``tail_box``/``tail_is_object`` keys, all empty, as the pipeline
-    gives MNRE batches (with them the pruned last fusion layer also computes the image tokens).
-    """
+    """A Batch (docs/architecture.md) with real-looking lengths (the values do not change the
+    cost); every row has an image when ``image_size`` > 0. ``object_tail_fields``: empty
+    ``tail_box``/``tail_is_object``, as the pipeline gives MNRE batches."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(seq // 2, seq + 1, size=batch)
     mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)

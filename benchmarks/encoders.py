@@ -1,13 +1,10 @@
 """Forward throughput of the Flax BERT encoder vs transformers' PyTorch BertModel, same weights.
 
-Both run MiniLM-L6 (``minilm-l6`` preset, offline) on a batch of 32 x 64 tokens in float32 on the
-CPU: JAX under ``jax.jit`` after compilation, PyTorch in ``inference_mode`` with
-``torch.set_num_threads(os.cpu_count())`` and its default attention implementation. Each side
-runs ``--repeats`` timed blocks of ``--iters`` forwards, the two sides' blocks alternating; the
-figure is the median block (the best block is recorded too).
-The results (with the machine's description) go to ``benchmarks/results/encoders.json``.
+MiniLM-L6 (``minilm-l6``, offline) on a batch of 32 x 64 tokens in float32 on the CPU: JAX jitted
+after compilation, PyTorch in ``inference_mode`` on every core with its default attention. The
+two sides' blocks of ``--iters`` forwards alternate; the figure is the median block.
 
-    python benchmarks/encoders.py [--repeats 7] [--iters 10] [--out benchmarks/results/encoders.json]
+    python benchmarks/encoders.py [--repeats 9] [--iters 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -46,9 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     host = benchlib.machine()  # before the run: its load average is the one at the start
     torch.set_num_threads(os.cpu_count() or 1)
     model, _, _ = weights.load_text_encoder("minilm-l6")
-    folder = weights.resolve("minilm-l6")
-    pt = transformers.BertModel.from_pretrained(str(folder)).eval()
-
+    pt = transformers.BertModel.from_pretrained(str(weights.resolve("minilm-l6"))).eval()
     batch = benchlib.synthetic_batch(BATCH, LENGTH, object_tail_fields=False)
     ids, mask = batch["input_ids"], batch["attention_mask"]
 

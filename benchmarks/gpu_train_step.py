@@ -43,19 +43,13 @@ VISION = dict(model_type="clip_vision_model", hidden_size=768, intermediate_size
 R, K, FUSION, PROJ = 23, 5, 2, 256
 # --tiny: the same architecture shrunk for a few-second CPU smoke test of this script.
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-        "num_attention_heads": 4}
-TINY_VISION = {**TINY, "image_size": 32, "patch_size": 16}
+        "num_attention_heads": 4, "image_size": 32, "patch_size": 16}
 RUNS = ("b256_jax_einsum_bf16", "b256_jax_fused_bf16", "b256_torch_bf16", "b256_jax_einsum_f32",
         "b32_jax_fused_bf16", "b32_torch_bf16", "b32_jax_einsum_bf16", "b32_jax_einsum_f32")
 
 
-def model_dicts(tiny: bool) -> tuple[dict, dict]:
-    """The text and vision config dicts (HF ``config.json`` style) of the benchmarked model."""
-    return ({**TEXT, **TINY}, {**VISION, **TINY_VISION}) if tiny else (TEXT, VISION)
-
-
 def batch_and_relations(args, batch_size: int) -> tuple[dict, dict]:
-    text, vision = model_dicts(args.tiny)
+    text, vision = args.model
     return (benchlib.synthetic_batch(batch_size, args.seq, image_size=vision["image_size"],
                                      relations=R, object_tail_fields=False),
             benchlib.synthetic_relations(R, K, text["hidden_size"]))
@@ -73,7 +67,7 @@ def run_jax(args, batch_size: int, dtype_name: str, attention: str) -> dict:
     from roc_jax.models.vit import ViT, ViTConfig
     from roc_jax.train_lib import make_trainer
 
-    text, vision = model_dicts(args.tiny)
+    text, vision = args.model
     dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[dtype_name]
     tcfg, vcfg = BertConfig.from_hf(text), ViTConfig.from_hf(vision)
     if attention != "einsum":  # the fused kernel has no attention-probability dropout
@@ -123,7 +117,7 @@ def run_torch(args, batch_size: int) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    text, vision = model_dicts(args.tiny)
+    text, vision = args.model
     tcfg = BertConfig(**{k: v for k, v in text.items() if k != "model_type"})
     vcfg = CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "model_type"})
     model = TorchROC(BertModel(tcfg, add_pooling_layer=False), tcfg, CLIPVisionModel(vcfg),
@@ -164,14 +158,17 @@ def main() -> None:
 
     import jax
 
-    text, vision = model_dicts(args.tiny)
+    # The text and vision config dicts (HF config.json style) of the benchmarked model.
+    text, vision = args.model = ({**TEXT, **TINY}, {**VISION, **TINY}) if args.tiny else (TEXT,
+                                                                                          VISION)
     device_kind = jax.devices()[0].device_kind
     card = next((k for k in PEAK_BF16 if k in device_kind), None)
     out = Path(args.out) / f"gpu-{(card or device_kind).lower().replace(' ', '-')}.json" \
         if args.out.endswith("/") else Path(args.out)
     peak = PEAK_BF16.get(card)
     matmul = benchlib.matmul_flops(args.matmul, dtype="bfloat16")["flops_per_s"]
-    result = {"benchmark": "gpu_train_step", "setting": vars(args), "machine": benchlib.machine(),
+    setting = {k: v for k, v in vars(args).items() if k != "model"}
+    result = {"benchmark": "gpu_train_step", "setting": setting, "machine": benchlib.machine(),
               "model": {"text": text, "vision": vision, "relations": R, "descriptions": K,
                         "fusion_layers": FUSION},
               "summary": {"card": device_kind, "spec_peak_bf16_flops": peak,
@@ -185,8 +182,8 @@ def main() -> None:
         estimate = args.seconds + (20 if framework == "torch" else slowest_compile + 10)
         elapsed = time.perf_counter() - start
         if elapsed + estimate > args.budget:
-            result["variants"][key] = table[key] = {
-                "skipped": f"budget: {elapsed:.0f}s elapsed + ~{estimate:.0f}s > {args.budget:.0f}s"}
+            result["variants"][key] = table[key] = {"skipped": f"budget: {elapsed:.0f}s elapsed "
+                                                    f"+ ~{estimate:.0f}s > {args.budget:.0f}s"}
             print(f"{key}: skipped (budget)", flush=True)
             continue
         try:

@@ -38,12 +38,8 @@ def time_batches(make, n: int, repeats: int = 5, warmup: int = 5) -> dict:
     it = make()
     for _ in range(warmup):
         next(it)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(n):
-            next(it)
-        rates.append(n / (time.perf_counter() - start))
+    secs = benchlib.time_interleaved({"it": lambda: next(it)}, repeats, n)["it"]
+    rates = [1 / s for s in secs]
     it.close()
     median = float(np.median(rates))
     return {"batches_per_repeat": n, "repeats": repeats, "batches_per_s": median,
@@ -109,8 +105,8 @@ def pipeline_figures(mnre_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/input_pipeline.json"))
-    parser.add_argument("--train-step-json", default=str(REPO / "benchmarks/results/train_step.json"),
-                        help="a train_step.py results file: the step whose consumption is compared")
+    parser.add_argument("--train-step-json", help="a train_step.py results file",
+                        default=str(REPO / "benchmarks/results/train_step.json"))
     args = parser.parse_args()
     mnre_dir = Path(os.environ.get("ROC_MNRE_DIR", ""))
     if not (mnre_dir / "mnre_train.txt").exists():

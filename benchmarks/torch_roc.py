@@ -69,7 +69,7 @@ class TorchROC(nn.Module):
 
 
 def make_train_step(model: TorchROC, lr: float = 1e-5, *, bf16: bool = False):
-    """AdamW (decoupled weight decay, global-norm clipping 1.0): ``step(batch, rel, mask) -> loss``."""
+    """AdamW (decoupled weight decay, global-norm clipping 1.0): ``step(batch, rel, mask)``."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
 
     def step(batch: dict[str, torch.Tensor], rel_emb: torch.Tensor,
@@ -85,95 +85,3 @@ def make_train_step(model: TorchROC, lr: float = 1e-5, *, bf16: bool = False):
         return loss.detach()
 
     return step
-
-
-# ---------------------------------------------------------------------------------------------
-# Same weights in both frameworks: roc_jax ROC -> TorchROC state dict.
-
-
-def _jax_param(module: Any, path: tuple) -> Any:
-    import numpy as np
-
-    obj = module
-    for key in path:
-        obj = obj[key] if isinstance(key, int) else getattr(obj, key)
-    return np.asarray(obj[...], np.float32)
-
-
-# transformers >= 5 names DINOv2's attention projections q/k/v/o_proj (4.x: attention.attention.*).
-_RENAMES = ((".attention.attention.query.", ".attention.q_proj."),
-            (".attention.attention.key.", ".attention.k_proj."),
-            (".attention.attention.value.", ".attention.v_proj."),
-            (".attention.output.dense.", ".attention.o_proj."))
-
-
-def _from_name_map(module: Any, name_map: dict, prefix: str, like: dict[str, torch.Tensor]
-                   ) -> dict[str, torch.Tensor]:
-    """HF tensors of ``module`` (a roc_jax encoder or layer) through its weights name map.
-
-    Inverts ``roc_jax.models.weights._transform``: linear kernels ``[in, out] -> [out, in]``,
-    conv kernels ``[kh, kw, in, out] -> [out, in, kh, kw]``, reshaped tensors to the torch shape.
-    """
-    import numpy as np
-
-    out = {}
-    for hf, (path, kind) in name_map.items():
-        name = prefix + hf
-        if name not in like:
-            for old, new in _RENAMES:  # newer transformers' names of the same tensors
-                name = name.replace(old, new)
-        if name not in like:
-            continue  # e.g. a pooler the torch module was built without
-        x = _jax_param(module, path)
-        if kind == "linear" and x.ndim == 2:
-            x = x.T
-        elif kind == "conv" and x.ndim == 4:
-            x = x.transpose(3, 2, 0, 1)
-        x = np.ascontiguousarray(x).reshape(tuple(like[name].shape))
-        out[name] = torch.from_numpy(x.copy())
-    return out
-
-
-def state_dict_from_roc(jax_model: Any, torch_model: TorchROC) -> dict[str, torch.Tensor]:
-    """A ``TorchROC`` state dict holding exactly ``jax_model``'s (``roc_jax.models.roc.ROC``)
-    parameters, for ``torch_model.load_state_dict(..., strict=True)``.
-
-    Uses the encoders' name maps of ``roc_jax.models.weights`` (the ones the loaders and the parity
-    tests use); the fusion layers are BERT layers, mapped through the BERT layer-0 entries.
-    """
-    import dataclasses
-
-    from roc_jax.models import weights
-
-    like = torch_model.state_dict()
-    sd: dict[str, torch.Tensor] = {}
-    sd.update(_from_name_map(jax_model.text, weights.bert_name_map(jax_model.text.config),
-                             "text.", like))
-    if jax_model.vision is not None:
-        sd.update(_from_name_map(jax_model.vision, weights.vit_name_map(jax_model.vision.config),
-                                 "vision.", like))
-    one = weights.bert_name_map(dataclasses.replace(jax_model.text.config, num_hidden_layers=1,
-                                                    add_pooler=False))
-    layer0 = {hf[len("encoder.layer.0."):]: (path[2:], kind) for hf, (path, kind) in one.items()
-              if hf.startswith("encoder.layer.0.")}
-    for i, layer in enumerate(jax_model.fusion):
-        sd.update(_from_name_map(layer, layer0, f"fusion.{i}.", like))
-    heads = {"pair_mlp": "linear", "pair_proj": "linear", "rel_proj": "linear",
-             "image_proj": "linear"}
-    for name, kind in heads.items():
-        mod = getattr(jax_model, name, None)
-        if mod is not None and f"{name}.weight" in like:
-            sd.update(_from_name_map(mod, {"weight": (("kernel",), kind), "bias": (("bias",), "id")},
-                                     f"{name}.", like))
-    sd.update(_from_name_map(jax_model.pair_norm, {"weight": (("scale",), "id"),
-                                                   "bias": (("bias",), "id")}, "pair_norm.", like))
-    for name in ("image_type", "log_temperature"):
-        if name in like:
-            sd.update(_from_name_map(jax_model, {name: ((name,), "id")}, "", like))
-    missing = sorted(set(like) - set(sd))
-    # Buffers (position ids, token-type ids) are not parameters; everything else must be there.
-    missing = [k for k in missing if not k.endswith(("position_ids", "token_type_ids"))
-               and "mask_token" not in k]
-    if missing:
-        raise KeyError(f"TorchROC parameters with no roc_jax counterpart: {missing[:10]}")
-    return sd

@@ -10,10 +10,9 @@ weights copied in); ``multimodal``, the same with the dinov2-s14-offline image t
 phase, in ``benchmarks/profiles/*_train_step.txt``.
 
 Each framework runs in its own fresh processes, alternating for ``--rounds`` rounds, JAX on 2 MiB
-pages (as ``make train``), PyTorch on glibc's defaults (its faster setting); in a JAX process the
-matmul probe alternates with the step, so that both sides of the MFU see the same load. MFU = the
-FLOPs per example that side computes (``benchlib.train_flops_per_example``) x examples/s / the
-probe's FLOP/s. Method and figures: docs/performance.md.
+pages (as ``make train``), PyTorch on glibc's defaults (its faster setting). MFU = the FLOPs per
+example that side computes x examples/s / the matmul probe's FLOP/s, the probe alternating with
+the JAX step. Method and figures: docs/performance.md.
 
     python benchmarks/train_step.py [--parts text,profile] [--rounds 3]
 """
@@ -45,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 PARTS = ("matmul", "text", "multimodal", "profile")
+PROFILES = ROOT / "benchmarks" / "profiles"
 BATCH, LENGTH, FUSION, PROJ = 32, 64, 2, 256
 # Each framework's processes run on its faster host-memory setting (docs/performance.md).
 PROCESS_ENV = {"jax": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "torch": {"GLIBC_TUNABLES": ""}}
@@ -73,28 +73,44 @@ def build_roc(image: bool, seed: int = 0) -> tuple[Any, Any, Any]:
     return model, tcfg, vcfg
 
 
-def build_torch(jax_model: Any, tcfg: Any, vcfg: Any) -> Any:
-    """``TorchROC`` with ``jax_model``'s weights."""
+def head_name_map(model: Any) -> dict[str, tuple[tuple, str]]:
+    """``TorchROC``'s fusion-layer and head tensor names -> (path in the JAX ROC, layout), in the
+    form of ``roc_jax.models.weights``' name maps."""
+    from roc_jax.models import weights
+
+    one = weights.bert_name_map(dataclasses.replace(model.text.config, num_hidden_layers=1,
+                                                    add_pooler=False))
+    out = {f"fusion.{i}.{hf.removeprefix('encoder.layer.0.')}": (("fusion", i, *path[2:]), kind)
+           for i in range(len(model.fusion)) for hf, (path, kind) in one.items()
+           if hf.startswith("encoder.layer.0.")}
+    image = ("image_proj", "image_type") if model.vision is not None else ()
+    for name in ("pair_mlp", "pair_proj", "rel_proj", "pair_norm", "log_temperature", *image):
+        w = ("scale", "id") if name == "pair_norm" else ("kernel", "linear")
+        out |= {name: ((name,), "id")} if name in ("image_type", "log_temperature") else {
+            f"{name}.weight": ((name, w[0]), w[1]), f"{name}.bias": ((name, "bias"), "id")}
+    return out
+
+
+def build_torch(jax_model: Any, vcfg: Any) -> Any:
+    """``TorchROC`` over the same checkpoints as ``build_roc``; its fusion layers and heads are
+    then loaded into ``jax_model`` (``weights.apply_weights``), so both hold the same weights."""
     import torch
     import transformers
-    from torch_roc import TorchROC, state_dict_from_roc
+    from torch_roc import TorchROC
 
     from roc_jax.models import weights
 
-    hf_text = transformers.BertConfig(**{k: v for k, v in dataclasses.asdict(tcfg).items()
-                                         if k != "add_pooler"})
-    text = transformers.BertModel(hf_text, add_pooling_layer=tcfg.add_pooler)
-    vision = None
-    if vcfg is not None:
-        folder = weights.resolve("dinov2-s14-offline")
-        vision = transformers.Dinov2Model(transformers.Dinov2Config.from_pretrained(str(folder)))
-    model = TorchROC(text, hf_text, vision, vcfg.hidden_size if vcfg else None,
-                     jax_model.config.description_dim, FUSION, PROJ, pair_gelu="tanh")
-    missing, unexpected = model.load_state_dict(state_dict_from_roc(jax_model, model), strict=False)
-    bad = [k for k in missing if not k.endswith(("position_ids", "token_type_ids", "mask_token"))]
-    if bad or unexpected:
-        raise RuntimeError(f"torch weights: missing {bad[:5]}, unexpected {unexpected[:5]}")
     torch.manual_seed(0)
+    text = transformers.BertModel.from_pretrained(str(weights.resolve("minilm-l6")),
+                                                  add_pooling_layer=False)
+    vision = None if vcfg is None else transformers.Dinov2Model.from_pretrained(
+        str(weights.resolve("dinov2-s14-offline")))
+    model = TorchROC(text, text.config, vision, vcfg.hidden_size if vcfg else None,
+                     jax_model.config.description_dim, FUSION, PROJ, pair_gelu="tanh")
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items()
+               if not k.startswith(("text.", "vision."))}
+    weights.apply_weights(jax_model, tensors, head_name_map(jax_model), source="TorchROC",
+                          allow_missing=("text.*", "vision.*"))
     return model
 
 
@@ -136,11 +152,11 @@ def side_child(args: argparse.Namespace) -> None:
         from torch_roc import make_train_step
 
         torch.set_num_threads(os.cpu_count())
+        tmodel = build_torch(model, vcfg).eval()
         _, js = jax_step(model, batch)  # the parity reference only
         ref = js["trainer"].eval_step(js["state"]["params"], js["batch"], js["rel"])["logits"]
         tb = benchlib.torch_batch(batch)
         rel = [torch.from_numpy(RELATIONS[k]) for k in ("embeddings", "mask")]
-        tmodel = build_torch(model, tcfg, vcfg).eval()
         with torch.no_grad():
             out["parity"] = float(np.max(np.abs(np.asarray(ref) - tmodel(tb, *rel).numpy())))
         fns["torch"] = functools.partial(make_train_step(tmodel.train()), tb, *rel)
@@ -186,8 +202,8 @@ def compare(name: str, image_size: int, args: argparse.Namespace) -> dict[str, A
     for rnd in range(args.rounds):
         for side in (("jax", "torch") if rnd % 2 == 0 else ("torch", "jax")):
             runs[side].append(child(args, side, image_size))
-            print(f"[{name}] round {rnd} {side}: "
-                  f"{BATCH / statistics.median(runs[side][-1]['blocks'][side]):.2f} ex/s", flush=True)
+            rate = BATCH / statistics.median(runs[side][-1]["blocks"][side])
+            print(f"[{name}] round {rnd} {side}: {rate:.2f} ex/s", flush=True)
     flops = runs["jax"][0]["flops"]
     res: dict[str, Any] = {"batch": BATCH, "length": LENGTH, "image_size": image_size,
                            "rounds": args.rounds, "flops_per_example": flops,
@@ -214,9 +230,6 @@ def compare(name: str, image_size: int, args: argparse.Namespace) -> dict[str, A
           f"ratio {res['ratio_vs_torch']:.2f}, mfu {res.get('mfu', float('nan')):.3f}", flush=True)
     return res
 
-
-# ---------------------------------------------------------------------------------------------
-# profile: where the JAX step's time goes, per XLA op, from a jax.profiler trace
 
 
 def op_category(op_name: str) -> tuple[str, str]:
@@ -276,20 +289,17 @@ def profile(image_size: int, out_txt: Path, steps: int = 2) -> dict[str, Any]:
              f"of {steps} steps; wall {wall:.2f} s/step; XLA op time summed over threads "
              f"{total / 1e9:.2f} s/step", "", "share of op time by category:"]
     lines += [f"  {v / total:6.1%}  {k}" for k, v in by_cat.most_common()]
-    lines += ["", "by phase:"] + [f"  {v / total:6.1%}  {k}" for k, v in by_phase.most_common()]
-    lines += ["", "top 25 ops (name, share, op_name):"]
-    lines += [f"  {v / total:6.1%}  {n:32s} {o[:110]}" for (n, o), v in by_op.most_common(25)]
+    lines += ["", "by phase:", *(f"  {v / total:6.1%}  {k}" for k, v in by_phase.most_common()),
+              "", "top 25 ops (name, share, op_name):", *(f"  {v / total:6.1%}  {n:32s} {o[:110]}"
+                                                          for (n, o), v in by_op.most_common(25))]
     out_txt.parent.mkdir(parents=True, exist_ok=True)
     out_txt.write_text("\n".join(lines) + "\n")
     print(f"[profile] {kind}: {wall:.2f} s/step -> {out_txt}", flush=True)
     return {"wall_s_per_step": wall, "op_s_per_step_summed_over_threads": total / 1e9,
             "by_category": {k: round(v / total, 4) for k, v in by_cat.most_common()},
             "by_phase": {k: round(v / total, 4) for k, v in by_phase.most_common()},
-            "summary_file": str(out_txt.relative_to(ROOT) if out_txt.is_relative_to(ROOT)
-                                else out_txt)}
+            "summary_file": str(out_txt.relative_to(ROOT))}
 
-
-# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -316,19 +326,16 @@ def main() -> None:
     runs = {"matmul": lambda: benchlib.matmul_flops(args.matmul),
             "text": lambda: compare("text", 0, args),
             "multimodal": lambda: compare("multimodal", args.image_size, args),
-            "profile": lambda: {"text": profile(0, ROOT / "benchmarks/profiles/text_train_step.txt"),
-                                "multimodal": profile(args.image_size, ROOT / "benchmarks/profiles"
-                                                      "/multimodal_train_step.txt")}}
+            "profile": lambda: {kind: profile(size, PROFILES / f"{kind}_train_step.txt")
+                                for kind, size in (("text", 0), ("multimodal", args.image_size))}}
     for part in parts:
         result[part] = {**runs[part](), "setting": vars(args), "machine": host,
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t, m = result.get("text", {}), result.get("multimodal", {})
-    result["summary"] = {k: v for k, v in {
-        "jax_ex_per_s": t.get("jax", {}).get("ex_per_s"),
-        "torch_ex_per_s": t.get("torch", {}).get("ex_per_s"),
-        "ratio_vs_torch": t.get("ratio_vs_torch"), "mfu": t.get("mfu"),
-        "mm_ratio_vs_torch": m.get("ratio_vs_torch"), "mm_mfu": m.get("mfu")}.items()
-        if v is not None}
+    result["summary"] = {"jax_ex_per_s": t.get("jax", {}).get("ex_per_s"), "torch_ex_per_s":
+                         t.get("torch", {}).get("ex_per_s"), "ratio_vs_torch": t.get(
+                         "ratio_vs_torch"), "mfu": t.get("mfu"), "mm_ratio_vs_torch": m.get(
+                         "ratio_vs_torch"), "mm_mfu": m.get("mfu")}
     print(json.dumps(result["summary"], indent=1), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float) + "\n")

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import pytest
@@ -22,3 +23,31 @@ def mnre_dir() -> Path:
     if not (path / "mnre_train.txt").exists():
         pytest.fail(f"ROC_MNRE_DIR={value} does not hold mnre_train.txt")
     return path
+
+
+@pytest.fixture(scope="session")
+def _trained_run(tmp_path_factory) -> tuple[Path, Any, dict]:
+    """The tiny text config trained for 2 epochs (4 steps) on 8 devices on fixture data, once per
+    test session: (workdir, config, ``train_and_evaluate``'s result). Tests must not change it."""
+    from fixtures import write_mnre_fixture
+    from roc_testutil import tiny_config
+
+    from roc_jax import train_lib
+
+    data = tmp_path_factory.mktemp("mnre_fixture")
+    write_mnre_fixture(data)
+    config = tiny_config(data)
+    workdir = tmp_path_factory.mktemp("trained")
+    return workdir, config, train_lib.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture(scope="session")
+def trained(_trained_run) -> tuple[Path, Any]:
+    """(workdir, config) of the shared trained run."""
+    return _trained_run[:2]
+
+
+@pytest.fixture(scope="session")
+def trained_result(_trained_run) -> dict:
+    """``{'step', 'dev', 'best_step'}`` of the shared trained run."""
+    return _trained_run[2]

@@ -44,28 +44,6 @@ def tiny_config(data_dir: Path, arg: str | None = "text", **train) -> ml_collect
     return c
 
 
-def trained_workdir(base: Path) -> tuple[Path, ml_collections.ConfigDict]:
-    """The tiny text config trained for 2 epochs (4 steps) on 8 devices, once per test session.
-
-    Several test modules share it through ``base`` (the session's pytest base temp folder).
-    """
-    from fixtures import write_mnre_fixture
-
-    from roc_jax import train_lib
-
-    data = base / "mnre_fixture"
-    if not (data / "mnre_train.txt").exists():
-        write_mnre_fixture(data)
-    config = tiny_config(data)
-    workdir = base / "trained"
-    done = workdir / "DONE.json"
-    if not done.exists():
-        result = train_lib.train_and_evaluate(config, workdir)
-        done.write_text(json.dumps({"step": result["step"], "best_step": result["best_step"],
-                                    "dev_f1": result["dev"]["f1"]}))
-    return workdir, config
-
-
 def metrics_rows(workdir: Path) -> list[dict]:
     """The JSON-lines metrics of a run (hparams rows left out)."""
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]

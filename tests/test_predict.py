@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from roc_testutil import REPO, trained_workdir
+from roc_testutil import REPO
 
 import roc_jax
 from roc_jax import inference
@@ -16,8 +16,8 @@ SENTENCE = "[[Rafael Nadal]] and [[Mery Perello]] got married in a private cerem
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return trained_workdir(tmp_path_factory.getbasetemp())[0]
+def workdir(trained):
+    return trained[0]
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,8 @@ def test_parse_marked():
         inference.parse_marked("[[only one]] here")
 
 
-def test_load_restores_best_checkpoint_and_cache(loaded, workdir):
-    done = json.loads((workdir / "DONE.json").read_text())
-    assert loaded.step == done["best_step"]
+def test_load_restores_best_checkpoint_and_cache(loaded, trained_result):
+    assert loaded.step == trained_result["best_step"]
     assert loaded.label_names == loaded.cache.names
     assert loaded.tokenizer is not None
 

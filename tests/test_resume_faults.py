@@ -1,7 +1,7 @@
 """Training that meets faults: a corrupted latest checkpoint, SIGTERM mid-epoch, a save that fails.
 
 Each case ends with the same parameters as the uninterrupted reference run (the tiny text config,
-4 steps, shared with test_train.py through ``roc_testutil.trained_workdir``), bitwise.
+4 steps, the session's ``trained`` fixture of conftest.py), bitwise.
 """
 
 import errno
@@ -16,15 +16,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from roc_testutil import REPO, read_state, tiny_config, trained_workdir
+from roc_testutil import REPO, read_state, tiny_config
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import inference, train_lib
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workdir(tmp_path_factory.getbasetemp())
 
 
 def _assert_same_params(ref_dir, workdir, step=4):

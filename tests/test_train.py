@@ -10,25 +10,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from roc_testutil import REPO, metrics_rows, read_state, tiny_config, trained_workdir
+from roc_testutil import REPO, metrics_rows, read_state, tiny_config
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import parallel, train_lib
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_workdir(tmp_path_factory.getbasetemp())
 
 
 def _dev_rows(workdir):
     return {r["step"]: r for r in metrics_rows(workdir) if "dev/f1" in r}
 
 
-def test_train_then_eval_in_a_new_process(trained, tmp_path):
+def test_train_then_eval_in_a_new_process(trained, trained_result, tmp_path):
     workdir, _ = trained
-    done = json.loads((workdir / "DONE.json").read_text())
-    assert done["step"] == 4
+    assert trained_result["step"] == 4
     rows = metrics_rows(workdir)
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4]  # log_every=2
@@ -38,7 +32,7 @@ def test_train_then_eval_in_a_new_process(trained, tmp_path):
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     dev = _dev_rows(workdir)
     assert sorted(dev) == [2, 4]  # every epoch
-    best = done["best_step"]
+    best = trained_result["best_step"]
     assert dev[best]["dev/f1"] == max(r["dev/f1"] for r in dev.values())
 
     env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
@@ -56,7 +50,7 @@ def test_train_then_eval_in_a_new_process(trained, tmp_path):
     assert "micro (without None)" in proc.stdout
 
 
-def test_exact_resume_equals_uninterrupted_run(trained, tmp_path):
+def test_exact_resume_equals_uninterrupted_run(trained, trained_result, tmp_path):
     """Stop after step 3 (max_steps, mid-epoch), restart: same parameters and metrics as the run that never
     stopped. Tolerance: bitwise (same compiled step, same data, dropout keyed by step)."""
     ref_dir, config = trained
@@ -76,7 +70,7 @@ def test_exact_resume_equals_uninterrupted_run(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
                                       err_msg=jax.tree_util.keystr(path))
     assert _dev_rows(workdir)[4] | {"time": 0} == _dev_rows(ref_dir)[4] | {"time": 0}
-    assert second["dev"]["f1"] == json.loads((ref_dir / "DONE.json").read_text())["dev_f1"]
+    assert second["dev"]["f1"] == trained_result["dev"]["f1"]
 
 
 def test_one_and_eight_devices_give_the_same_step(trained):
