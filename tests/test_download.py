@@ -1,21 +1,42 @@
-"""The download tool against an HTTP server on 127.0.0.1 that the test starts."""
+"""The download tool against HTTP servers on 127.0.0.1 that the tests start.
+
+Text files: TFDS's download manager, checked against ``tfds/mnre/checksums.tsv`` (the tests pin
+their own digests in its place). Images: ``gdown`` against a server that behaves like Google
+Drive (a confirmation page whose form leads to the file, which is served with ``Range``
+support); requests for ``*.google.com`` are sent to that server instead.
+"""
 
 import hashlib
 import http.server
+import io
+import random
 import socket
+import tarfile
+import urllib.parse
+import zipfile
 
 import pytest
+import requests
 from local_http import LocalHTTPServer
+from PIL import Image
 
 from roc_jax.data import download
 
+TEXT = {"mnre_train.txt": b"train\n" * 500, "mnre_val%20.txt": b"val\n" * 100,
+        "mnre_test.txt": b"test\n" * 50, "ours_rel2id.json": b'{"None": 0}'}
+
 
 class _Server:
-    """Serves ``files`` ({url path: bytes}) with Range support; can cut the first response."""
+    """Serves ``files`` ({url path: bytes}) with Range support; can cut responses halfway.
 
-    def __init__(self, files):
-        self.files = files
-        self.cut_first = set()  # paths whose first response stops halfway
+    ``/uc?id=ID`` answers with Drive's confirmation page (no Content-Disposition); the page's
+    form leads to ``/download?id=ID&export=download&confirm=t&uuid=...``, which serves
+    ``drive[ID]`` as an attachment.
+    """
+
+    def __init__(self):
+        self.files, self.drive = {}, {}
+        self.cut = {}  # path -> how many more responses to cut halfway
         self.requests = []  # (path, Range header or None)
         outer = self
 
@@ -24,27 +45,47 @@ class _Server:
                 pass
 
             def do_GET(self):
-                path = self.path
-                outer.requests.append((path, self.headers.get("Range")))
-                if path not in outer.files:
+                parts = urllib.parse.urlsplit(self.path)
+                query = urllib.parse.parse_qs(parts.query)
+                outer.requests.append((self.path, self.headers.get("Range")))
+                if parts.path == "/uc":
+                    page = _CONFIRMATION.format(id=query["id"][0]).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
+                if parts.path == "/download":
+                    if query.get("confirm") != ["t"] or query["id"][0] not in outer.drive:
+                        self.send_error(403)
+                        return
+                    self._send(parts.path, outer.drive[query["id"][0]],
+                               'attachment; filename="mnre_image.zip"')
+                    return
+                if self.path not in outer.files:
                     self.send_error(404)
                     return
-                data = outer.files[path]
+                self._send(self.path, outer.files[self.path], None)
+
+            def _send(self, path, data, disposition):
                 start = 0
                 if self.headers.get("Range"):
-                    start = int(self.headers["Range"].split("=")[1].rstrip("-"))
-                    if start >= len(data):
-                        self.send_error(416)
-                        return
+                    start = int(self.headers["Range"].split("=")[1].split("-")[0])
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.send_header("Content-Range",
+                                     f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
                     self.send_response(200)
                 body = data[start:]
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(len(body)))
+                if disposition:
+                    self.send_header("Content-Disposition", disposition)
                 self.end_headers()
-                if path in outer.cut_first:
-                    outer.cut_first.discard(path)
+                if outer.cut.get(path, 0) > 0:
+                    outer.cut[path] -= 1
                     self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -53,76 +94,100 @@ class _Server:
 
         self._http = LocalHTTPServer(Handler)
         self.url = self._http.url
+        self.port = self._http.httpd.server_address[1]
 
     def close(self):
         self._http.close()
 
 
+# What Drive answers for a file too large to scan for viruses (the form gdown parses).
+_CONFIRMATION = """<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title>
+</head><body><div class="uc-main"><p class="uc-warning-caption">Google Drive can't scan this file
+for viruses.</p>
+<form id="download-form" action="https://drive.usercontent.google.com/download" method="get"><input type="submit" id="uc-download-link" value="Download anyway"/><input type="hidden" name="id" value="{id}"><input type="hidden" name="export" value="download"><input type="hidden" name="confirm" value="t"><input type="hidden" name="uuid" value="0c5e6b1e-aaaa-bbbb-cccc-1234567890ab"></form>
+</div></body></html>
+"""
+
+
 @pytest.fixture
-def server():
-    s = _Server({})
+def server(monkeypatch, tmp_path_factory):
+    s = _Server()
+    s.files.update({"/" + k: v for k, v in TEXT.items()})
+    _pin(monkeypatch, tmp_path_factory.mktemp("pins") / "checksums.tsv",
+         {k: v for k, v in TEXT.items() if k != "mnre_test.txt"})
     yield s
     s.close()
 
 
-def _remote(name, data, upstream=None):
-    upstream = upstream or name
-    return download.RemoteFile(name, f"https://example.invalid/x/{upstream}",
-                               hashlib.sha256(data).hexdigest())
+def _pin(monkeypatch, path, files):
+    """A checksums.tsv of ``files`` ({upstream name: bytes}) in place of the real one."""
+    upstream = {url.rsplit("/", 1)[-1]: url for url in download.MNRE_FILES.values()}
+    with open(path, "w") as f:
+        for name, data in files.items():
+            f.write(f"{upstream[name]}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\t"
+                    f"{urllib.parse.unquote(name)}\n")
+    monkeypatch.setattr(download, "CHECKSUMS", path)
 
 
-def test_fetches_verifies_and_renames(server, tmp_path):
-    data = b"{'token': ['a']}\n" * 1000
-    server.files["/mnre_val%20.txt"] = data
-    remote = _remote("mnre_val.txt", data, upstream="mnre_val%20.txt").with_base(server.url)
-    assert remote.url == f"{server.url}/mnre_val%20.txt"
-    path = download.download_file(remote, tmp_path, log=lambda m: None)
-    assert path == tmp_path / "mnre_val.txt" and path.read_bytes() == data
-    assert not (tmp_path / "mnre_val.txt.part").exists()
-    # A second run keeps the verified file and asks nothing.
+@pytest.fixture
+def drive(server, monkeypatch):
+    """Sends requests (and the reachability check) for *.google.com to ``server``."""
+    real_send = requests.adapters.HTTPAdapter.send
+
+    def send(self, request, **kwargs):
+        parts = urllib.parse.urlsplit(request.url)
+        if parts.hostname and parts.hostname.endswith("google.com"):
+            request.url = urllib.parse.urlunsplit(
+                ("http", f"127.0.0.1:{server.port}", parts.path, parts.query, ""))
+        return real_send(self, request, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+    real_check = download._check_reachable
+    monkeypatch.setattr(download, "_check_reachable", lambda url, timeout: real_check(
+        server.url if "google.com" in url else url, timeout))
+    return server
+
+
+def _quiet(_):
+    pass
+
+
+def test_text_files_fetched_verified_and_kept(server, tmp_path, capsys):
+    paths = download.download_text_files(tmp_path, server.url, log=print)
+    assert [p.name for p in paths] == list(download.MNRE_FILES)
+    assert (tmp_path / "mnre_val.txt").read_bytes() == TEXT["mnre_val%20.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(download.MNRE_FILES)
+    out = capsys.readouterr().out
+    assert "mnre_train.txt sha256=" in out and "(verified)" in out
+    assert f"mnre_test.txt sha256={hashlib.sha256(TEXT['mnre_test.txt']).hexdigest()} " \
+           "(NOT PINNED)" in out
+    # A second run keeps the verified files; only the unpinned one is fetched again.
     server.requests.clear()
-    download.download_file(remote, tmp_path, log=lambda m: None)
-    assert server.requests == []
+    download.download_text_files(tmp_path, server.url, log=_quiet)
+    assert [p for p, _ in server.requests] == ["/mnre_test.txt"]
 
 
-def test_interrupted_download_resumes_with_range(server, tmp_path):
-    data = bytes(range(256)) * 4000
-    server.files["/big.bin"] = data
-    server.cut_first.add("/big.bin")
-    messages = []
-    remote = _remote("big.bin", data).with_base(server.url)
-    path = download.download_file(remote, tmp_path, log=messages.append)
-    assert path.read_bytes() == data
-    half = len(data) // 2
-    assert server.requests == [("/big.bin", None), ("/big.bin", f"bytes={half}-")]
-    assert any(m.startswith("resume   big.bin: interrupted after 512000 bytes") for m in messages)
+def test_broken_text_transfer_is_retried(server, tmp_path, capsys):
+    server.cut["/mnre_train.txt"] = 1
+    download.download_text_files(tmp_path, server.url, log=print)
+    assert (tmp_path / "mnre_train.txt").read_bytes() == TEXT["mnre_train.txt"]
+    assert "retry    text files: transfer broken (ChunkedEncodingError); attempt 1/3" in \
+        capsys.readouterr().out
 
 
-def test_part_file_from_an_earlier_run_is_resumed(server, tmp_path):
-    data = b"0123456789" * 100
-    server.files["/f.txt"] = data
-    (tmp_path / "f.txt.part").write_bytes(data[:300])
-    download.download_file(_remote("f.txt", data).with_base(server.url), tmp_path,
-                           log=lambda m: None)
-    assert (tmp_path / "f.txt").read_bytes() == data
-    assert server.requests == [("/f.txt", "bytes=300-")]
-
-
-def test_checksum_mismatch_is_an_error_and_leaves_nothing(server, tmp_path):
-    server.files["/f.txt"] = b"tampered"
-    remote = _remote("f.txt", b"original").with_base(server.url)
-    with pytest.raises(download.DownloadError,
-                       match=r"checksum mismatch for f.txt .* expected sha256 "
-                             + remote.sha256 + ", got "
-                             + hashlib.sha256(b"tampered").hexdigest()):
-        download.download_file(remote, tmp_path, log=lambda m: None)
-    assert list(tmp_path.iterdir()) == []
+def test_checksum_mismatch_is_an_error_and_stores_nothing(server, tmp_path):
+    server.files["/mnre_train.txt"] = b"tampered\n" * 500
+    with pytest.raises(download.DownloadError, match=r"checksum mismatch: Artifact .*"
+                                                     r"mnre_train.txt.* has wrong checksum"):
+        download.download_text_files(tmp_path, server.url, log=_quiet)
+    assert not (tmp_path / "mnre_train.txt").exists()
+    assert not list(tmp_path.glob(".downloads-*"))
 
 
 def test_http_error_is_reported(server, tmp_path):
-    with pytest.raises(download.DownloadError, match=r"/nothing.txt: HTTP 404"):
-        download.download_file(_remote("nothing.txt", b"").with_base(server.url), tmp_path,
-                               log=lambda m: None)
+    del server.files["/ours_rel2id.json"]
+    with pytest.raises(download.DownloadError, match=r"ours_rel2id.json. HTTP code: 404"):
+        download.download_text_files(tmp_path, server.url, log=_quiet)
 
 
 def _closed_port():
@@ -131,36 +196,132 @@ def _closed_port():
         return s.getsockname()[1]
 
 
-def test_closed_port_gives_offline_message(tmp_path, capsys):
+def test_offline_is_one_error_naming_what_to_fetch_and_where(tmp_path, capsys):
     base = f"http://127.0.0.1:{_closed_port()}"
-    status = download.main(["mnre", "--dir", str(tmp_path), "--base-url", base])
-    assert status == 1
+    assert download.main(["mnre", "--dir", str(tmp_path), "--base-url", base]) == 1
     err = capsys.readouterr().err
-    assert f"error: cannot reach {base}/mnre_train.txt" in err
+    assert err.startswith(f"error: cannot reach {base}/mnre_train.txt (")
     assert "offline or the source is down" in err
+    for name, url in download.MNRE_FILES.items():
+        assert f"{url} -> {tmp_path / name}" in err
+    assert download.MNRE_IMAGES_URL in err
+    assert f"python -m roc_jax.data.download mnre --dir {tmp_path} --images-archive" in err
 
 
-def test_mnre_cli_end_to_end(server, tmp_path, capsys, monkeypatch):
-    files = {"mnre_train.txt": b"train\n", "mnre_val .txt": b"val\n", "mnre_test.txt": b"test\n",
-             "ours_rel2id.json": b'{"None": 0}'}
-    for upstream, data in files.items():
-        server.files["/" + upstream.replace(" ", "%20")] = data
-    # Pin the fixture's digests in place of the real ones.
-    monkeypatch.setattr(download, "MNRE_FILES", tuple(
-        download.RemoteFile(r.name, r.url, hashlib.sha256(files[r.upstream_name]).hexdigest())
-        for r in download.MNRE_FILES))
-    monkeypatch.setenv("ROC_DOWNLOAD_BASE_URL", server.url)
-    status = download.main(["mnre", "--dir", str(tmp_path / "manual")])
+def _archive(kind="zip", layout="mnre_image/img_org", n=(5, 3, 2), broken=()):
+    """An image archive as the authors might pack it: ``{layout}/{split}/<img_id>.jpg``."""
+    buffer = io.BytesIO()
+    # Over 1 MiB, as a real archive: gdown writes 512 KiB chunks, so a transfer cut halfway has
+    # bytes on disk to resume from. Files other than images are left out when unpacking.
+    entries = {f"{layout}/README.bin": random.Random(0).randbytes(3 << 19)}
+    for split, count in zip(download.MNRE_SPLITS, n, strict=True):
+        for i in range(count):
+            name = f"{layout}/{split}/twitter_{split}_{i}.jpg"
+            image = io.BytesIO()
+            Image.new("RGB", (20, 10), (i * 40, 90, 200)).save(image, format="JPEG")
+            entries[name] = b"broken" if name in broken else image.getvalue()
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w") as z:
+            for name, data in entries.items():
+                z.writestr(name, data)
+    else:
+        with tarfile.open(fileobj=buffer, mode="w:gz") as t:
+            for name, data in entries.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_images_from_drive_end_to_end_with_a_broken_transfer(drive, tmp_path, capsys):
+    archive = _archive(n=(40, 10, 8))
+    drive.drive[download.MNRE_IMAGES_ID] = archive
+    drive.cut["/download"] = 1  # the first transfer stops halfway
+    digest = hashlib.sha256(archive).hexdigest()
+    status = download.main(["mnre", "--dir", str(tmp_path / "manual"), "--base-url", drive.url,
+                            "--images-sha256", digest])
+    out = capsys.readouterr()
+    assert status == 0, out.err
+    manual = tmp_path / "manual"
+    assert download.count_images(manual) == {"train": 40, "val": 10, "test": 8}
+    assert (manual / "img_org" / "val" / "twitter_val_3.jpg").is_file()
+    drive_requests = [(p, r) for p, r in drive.requests if p.startswith(("/uc", "/download"))]
+    # The confirmation page, the file (cut), the rest of the file from where it stopped.
+    assert drive_requests[0] == (f"/uc?id={download.MNRE_IMAGES_ID}", None)
+    assert drive_requests[1][0].startswith(f"/download?id={download.MNRE_IMAGES_ID}"
+                                           "&export=download&confirm=t&uuid=")
+    assert drive_requests[1][1] is None
+    assert len(drive_requests) == 3
+    resumed_at = int(drive_requests[2][1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= len(archive) // 2
+    assert f"sha256={digest} (verified)" in out.out
+    assert "unpacked" in out.out and "train 40, val 10, test 8 images" in out.out
+    # Only the layout the readers expect is left behind.
+    assert sorted(p.name for p in manual.iterdir()) == sorted([*download.MNRE_FILES, "img_org"])
+
+
+def test_image_transfer_broken_in_one_run_resumes_in_the_next(drive, tmp_path, capsys):
+    archive = _archive(kind="tar", layout="img_org")
+    drive.drive[download.MNRE_IMAGES_ID] = archive
+    drive.cut["/download"] = 1
+    manual = tmp_path / "manual"
+    args = ["mnre", "--dir", str(manual), "--base-url", drive.url, "--retries", "0"]
+    assert download.main(args) == 1
+    err = capsys.readouterr().err
+    assert "image archive: transfer failed" in err and "run the same command again to resume" \
+        in err
+    parts = list(manual.glob(f"{download.ARCHIVE_NAME}*.part"))
+    assert len(parts) == 1
+    kept = parts[0].stat().st_size
+    assert 0 < kept <= len(archive) // 2
+    drive.requests.clear()
+    assert download.main(args) == 0
+    # gdown opens the file (no Range) to learn its size, then asks for the rest of it.
+    assert [r for p, r in drive.requests if p.startswith("/download")][-1] == f"bytes={kept}-"
+    assert download.count_images(manual) == {"train": 5, "val": 3, "test": 2}
+    assert not list(manual.glob("*.part")) and not (manual / download.ARCHIVE_NAME).exists()
+
+
+def test_image_archive_checksum_mismatch(drive, tmp_path):
+    drive.drive[download.MNRE_IMAGES_ID] = _archive()
+    with pytest.raises(download.DownloadError, match=r"checksum mismatch for the image archive: "
+                                                     r"expected sha256 0{64}, got "):
+        download.download_images(tmp_path, sha256="0" * 64, log=_quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_drive_unreachable_names_the_manual_step(tmp_path, monkeypatch):
+    def unreachable(url, timeout):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(download, "_check_reachable", unreachable)
+    with pytest.raises(download.DownloadError) as info:
+        download.download_images(tmp_path, log=_quiet)
+    message = str(info.value)
+    assert message.startswith("cannot reach Google Drive ([Errno -3] Temporary failure in name "
+                              "resolution): offline, or Drive is blocked here.")
+    assert f"open {download.MNRE_IMAGES_URL} in a browser" in message
+    assert f"--dir {tmp_path} --images-archive <the archive>" in message
+
+
+def test_archive_downloaded_by_hand_is_unpacked(server, tmp_path, capsys):
+    path = tmp_path / "by_hand.tar.gz"
+    path.write_bytes(_archive(kind="tar", layout="data/mnre",
+                              broken=("data/mnre/train/twitter_train_1.jpg",)))
+    manual = tmp_path / "manual"
+    assert download.main(["mnre", "--dir", str(manual), "--base-url", server.url,
+                          "--images-archive", str(path)]) == 0
     out = capsys.readouterr().out
-    assert status == 2  # the images are a manual step
-    assert "MANUAL STEP (MNRE images)" in out and download.MNRE_IMAGES_URL in out
-    assert f"{tmp_path / 'manual'}/img_org/train/" in out
-    assert sorted(p.name for p in (tmp_path / "manual").iterdir()) == [
-        "mnre_test.txt", "mnre_train.txt", "mnre_val.txt", "ours_rel2id.json"]
-    assert (tmp_path / "manual" / "mnre_val.txt").read_bytes() == b"val\n"
-    (tmp_path / "manual" / "img_org" / "train").mkdir(parents=True)
-    (tmp_path / "manual" / "img_org" / "train" / "a.jpg").write_bytes(b"x")
-    assert download.main(["mnre", "--dir", str(tmp_path / "manual")]) == 0
+    assert download.count_images(manual) == {"train": 5, "val": 3, "test": 2}
+    assert "warning  1 images do not decode (their samples get no image): " \
+           "['train/twitter_train_1.jpg']" in out
+    assert path.exists()  # the user's own file is left alone
+
+
+def test_no_images_is_a_remaining_manual_step(server, tmp_path, capsys):
+    assert download.main(["mnre", "--dir", str(tmp_path), "--base-url", server.url,
+                          "--no-images"]) == 2
+    assert "skipped  images (--no-images)" in capsys.readouterr().out
 
 
 def test_more_prints_manual_steps(tmp_path, capsys):
@@ -171,6 +332,12 @@ def test_more_prints_manual_steps(tmp_path, capsys):
 
 
 def test_real_files_match_pinned_checksums(mnre_dir):
-    pinned = {r.name: r.sha256 for r in download.MNRE_FILES if r.sha256}
-    for name, digest in pinned.items():
-        assert download.sha256_of(mnre_dir / name) == digest, name
+    from tensorflow_datasets.core.download import checksums
+
+    pinned = checksums.load_url_infos(download.CHECKSUMS)
+    assert len(pinned) == 3  # the test split's digest is not known here
+    names = {url: name for name, url in download.MNRE_FILES.items()}
+    for url, info in pinned.items():
+        path = mnre_dir / names[url]
+        assert download.sha256_of(path) == info.checksum, path
+        assert path.stat().st_size == int(info.size), path
