@@ -310,3 +310,16 @@ def test_real_mnre_tenth_then_full(mnre_dir, tmp_path):
         config = _tfds_config(folder, tfds_dir)
         config.data.image_size = 16
         assert len(train_lib.load_sources(config, ["train"])["train"]) == expected
+
+
+def test_unreadable_image_keeps_its_sample(tmp_path):
+    raw = write_mnre_fixture(tmp_path / "raw")
+    first = ast.literal_eval((raw / "mnre_train.txt").read_text().splitlines()[0])
+    (raw / "img_org" / "train" / first["img_id"]).write_bytes(b"not a jpeg")
+    builder = builder_lib.build(MnreBuilder, raw, tmp_path / "tfds",
+                                _config("t32", entity_types="none"))
+    train = builder.info.metadata["splits"]["train"]
+    assert (train["samples"], train["unreadable_image"], train["missing_images"]) == (40, 1, 13)
+    example = tfds.data_source("mnre/t32", split="train", data_dir=tmp_path / "tfds")[0]
+    assert example["source"] == b"mnre_train.txt:1"
+    assert not example["has_image"] and not example["image"].any()

@@ -53,9 +53,9 @@ class Builder(builder_lib.RocBuilderMixin, tfds.core.GeneratorBasedBuilder):
         mnre --dir <manual_dir>` fetches them.
       img_org/train/, img_org/val/, img_org/test/
         the images, named by img_id: the MNRE repository links the image archive on Google
-        Drive, which needs a browser: https://drive.google.com/file/d/
-        1FYiJFtRayWY32nRH0rdycYzIdDcMmDFR/view ; unpack it so that img_org/<split>/<img_id>
-        exist. Missing images are allowed: such samples get a
+        Drive (https://drive.google.com/file/d/1FYiJFtRayWY32nRH0rdycYzIdDcMmDFR/view); the
+        same command fetches and unpacks it, and `--images-archive PATH` unpacks an archive
+        downloaded in a browser. Missing and unreadable images are allowed: such samples get a
         black image and has_image=False, and are counted in the metadata.
     """
 
