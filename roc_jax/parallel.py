@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 log = logging.getLogger("roc_jax")
+T = TypeVar("T")
 
 
 def _env_int(name: str) -> int | None:
@@ -73,6 +74,25 @@ def initialize_distributed(cfg: Any) -> bool:
     log.info("process %d of %d: %d local devices of %d", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1
+
+
+def main_process_first(name: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on process 0, then, once it returned there, on the other processes.
+
+    For work that several hosts would otherwise do at once in a shared folder (a dataset build):
+    process 0 does it and the others find it done (or, with host-local folders, do it after).
+    ``name`` names the barrier; with one process this is ``fn()``.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        result = fn()
+    multihost_utils.sync_global_devices(name)
+    if jax.process_index() != 0:
+        result = fn()
+    return result
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

@@ -410,7 +410,9 @@ def _tfds_sources(config: Any, raw: Path, splits: Sequence[str]) -> dict[str, An
         f"{fingerprint}"
     bcfg = dataclasses.replace(bcfg, name=name, description=f"roc_jax build of {raw}")
     tfds_dir = Path(config.data.tfds_dir or "~/tensorflow_datasets").expanduser()
-    builder = builder_lib.build(builder_cls, raw, tfds_dir, bcfg)
+    # The hosts of a multi-process run may share tfds_dir: process 0 builds, the others reuse.
+    builder = parallel.main_process_first(
+        f"tfds build {name}", lambda: builder_lib.build(builder_cls, raw, tfds_dir, bcfg))
     out = {}
     for split in splits:
         tsplit = _TFDS_SPLITS.get(split, split)

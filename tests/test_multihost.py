@@ -436,5 +436,30 @@ def test_launcher_prefixes_output_and_stops_the_others_when_one_fails():
     assert "process 0: killed by SIGKILL" in proc.stderr
 
 
+def test_processes_join_one_mesh_and_process_zero_goes_first(tmp_path):
+    """Two processes join through the launcher's environment alone; ``main_process_first`` (the
+    shared TFDS build) runs process 0's work to its end before process 1's starts."""
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "import jax\n"
+              "from roc_jax import parallel\n"
+              "from roc_jax.config_base import get_base_config\n"
+              "assert parallel.initialize_distributed(get_base_config().distributed)\n"
+              "out, i = Path(sys.argv[1]), jax.process_index()\n"
+              "def work():\n"
+              "    time.sleep(1.0 if i == 0 else 0.0)\n"
+              "    (out / f'done_{i}').write_text(' '.join(sorted(p.name for p in out.iterdir())))\n"
+              "    return i\n"
+              "assert parallel.main_process_first('work', work) == i\n"
+              "print('devices', jax.device_count(), jax.local_device_count(), flush=True)\n")
+    proc = subprocess.run([sys.executable, str(LAUNCHER), "--num_processes", "2",
+                           "--devices_per_process", "2", "--", sys.executable, "-c", script,
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "done_0").read_text() == ""  # process 1 had not started its work
+    assert (tmp_path / "done_1").read_text() == "done_0"
+    assert proc.stdout.count("devices 4 2") == 2
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1:])
