@@ -117,7 +117,7 @@ class ROC(nnx.Module):
     """ROC over a BERT text tower, an optional ViT image tower and N fusion layers.
 
     ``__call__(batch, relations)``:
-      batch: the Batch dict of docs/architecture.md (``input_ids [B, L]``, ``attention_mask [B, L]``,
+      batch: the Batch of docs/architecture.md (``input_ids [B, L]``, ``attention_mask [B, L]``,
         ``head_index [B]``, ``tail_index [B]``, optional ``pixel_values [B, H, W, 3]``,
         ``has_image [B]``, ``tail_box [B, 4]``, ``tail_is_object [B]``).
       relations: ``{'embeddings': [R, K, Dd], 'mask': [R, K]}`` from the description cache, or,
