@@ -105,11 +105,13 @@ def test_damage_that_decodes_is_caught_by_the_checksums(corrupted, tmp_path):
 
 
 def test_params_only_restore_skips_the_optimizer(corrupted):
+    from roc_jax import parallel
     from roc_jax.labels import cache as cache_lib
 
     saved = read_state(corrupted, 2)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            saved)
+    rep = parallel.replicated(parallel.make_mesh())
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rep), saved)
     manager = ckpt.make_manager(corrupted, read_only=True)
     got = ckpt.restore(manager, 2, abstract_state=abstract,
                        labels_restore_args=cache_lib.restore_args(), with_optimizer=False)
