@@ -16,6 +16,7 @@ import subprocess
 import time
 import types
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,6 @@ import numpy as np
 # The optimizer settings of configs/mnre.py, for steps built outside a config.
 TRAIN_CFG = types.SimpleNamespace(lr_encoder=1e-5, lr_head=1e-3, warmup_ratio=0.1,
                                   weight_decay=0.01, grad_clip=1.0)
-
-
-def _version(name: str) -> str | None:
-    try:
-        return __import__(name).__version__
-    except ImportError:
-        return None
 
 
 def machine() -> dict[str, Any]:
@@ -53,7 +47,8 @@ def machine() -> dict[str, Any]:
     if shutil.which("nvidia-smi"):
         info["gpus"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                       capture_output=True, text=True).stdout.split("\n")[:-1]
-    info["versions"] = {name: _version(name) for name in (
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
+    info["versions"] = {name: installed.get(name) for name in (
         "jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "grain")}
     info["env"] = {k: os.environ[k] for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_PLATFORMS",
                                               "GLIBC_TUNABLES") if os.environ.get(k)}
@@ -172,6 +167,26 @@ def train_flops_per_example(text: Any, seq: int, batch: int, relations: tuple[in
     fwd += (fusion - 1) * layer_flops(tokens, d, f) + layer_flops(tokens, d, f, queries)
     fwd += 2 * (2 * d * d + d * proj) + 2 * r * proj + 2 * r * k * d * proj / batch
     return 3 * fwd
+
+
+def jax_train_step(model: Any, batch: dict[str, np.ndarray], relations: dict[str, np.ndarray],
+                   devices: Any = None) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """``(step, js)``: ``step() -> loss`` runs the library's jitted, donated train step
+    (``train_lib.make_trainer``, the configs' optimizer) on ``batch`` over ``devices`` (all when
+    None); ``js`` holds the trainer, the current state and the placed batch and relations."""
+    from roc_jax import parallel
+    from roc_jax.train_lib import make_trainer
+
+    mesh = parallel.make_mesh(devices)
+    trainer, state = make_trainer(model, TRAIN_CFG, total_steps=100_000, mesh=mesh)
+    js = {"trainer": trainer, "state": state, "batch": parallel.shard_batch(batch, mesh),
+          "rel": parallel.replicate(relations, mesh)}
+
+    def step() -> Any:
+        js["state"], out = trainer.train_step(js["state"], js["batch"], js["rel"])
+        return out["loss"]
+
+    return step, js
 
 
 def synthetic_batch(batch: int, seq: int, image_size: int = 0, relations: int = 23, seed: int = 0,

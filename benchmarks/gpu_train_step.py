@@ -61,11 +61,9 @@ def run_jax(args, batch_size: int, dtype_name: str, attention: str) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from roc_jax import parallel
     from roc_jax.models.bert import BertConfig, BertEncoder
     from roc_jax.models.roc import ROC, ROCConfig
     from roc_jax.models.vit import ViT, ViTConfig
-    from roc_jax.train_lib import make_trainer
 
     text, vision = args.model
     dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[dtype_name]
@@ -78,19 +76,8 @@ def run_jax(args, batch_size: int, dtype_name: str, attention: str) -> dict:
                           proj_dim=PROJ, skip_vision_without_images=False),
                 BertEncoder(tcfg, dtype=dtype, rngs=rngs), ViT(vcfg, dtype=dtype, rngs=rngs),
                 image_dim=vcfg.hidden_size, dtype=dtype, rngs=rngs)
-    mesh = parallel.make_mesh()
-    trainer, state = make_trainer(model, benchlib.TRAIN_CFG, total_steps=100_000, mesh=mesh)
-    del model
-    np_batch, rel = batch_and_relations(args, batch_size)
-    batch = parallel.shard_batch(np_batch, mesh)
-    relations = parallel.replicate(rel, mesh)
-    holder = {"state": state}
-    del state
-
-    def step():
-        holder["state"], out = trainer.train_step(holder["state"], batch, relations)
-        return out["loss"]
-
+    step, _ = benchlib.jax_train_step(model, *batch_and_relations(args, batch_size))
+    del model  # the trainer holds a copy of the parameters
     t0 = time.perf_counter()
     jax.block_until_ready(step())
     compile_s = time.perf_counter() - t0
@@ -149,8 +136,6 @@ def main() -> None:
     ap.add_argument("--matmul", type=int, default=8192, help="side of the bf16 matmul probe")
     ap.add_argument("--budget", type=float, default=480.0,
                     help="skip variants that would end after this many seconds")
-    ap.add_argument("--compile-guess", type=float, default=80.0,
-                    help="compile seconds assumed before the first one is measured")
     ap.add_argument("--tiny", action="store_true", help="a tiny model: CPU smoke test")
     ap.add_argument("--out", default="benchmarks/results/",
                     help="a file, or a folder ending in '/' (then gpu-<card>.json in it)")
@@ -175,7 +160,7 @@ def main() -> None:
                           "matmul_bf16_flops": matmul, "variants": {}},
               "variants": {}, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     table = result["summary"]["variants"]
-    start, slowest_compile = time.perf_counter(), args.compile_guess
+    start, slowest_compile = time.perf_counter(), 80.0  # compile seconds until one is measured
     for key in args.runs.split(","):
         batch_size, framework, *rest = key.removeprefix("b").split("_")
         batch_size = int(batch_size)

@@ -33,17 +33,14 @@ BATCH, MAX_LEN = 32, 80
 CLIP_SPEC = (224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 
-def time_batches(make, n: int, repeats: int = 5, warmup: int = 5) -> dict:
-    """``repeats`` timings of ``n`` batches each from one iterator; the median is the figure."""
-    it = make()
+def time_batches(it, n: int, repeats: int = 5, warmup: int = 5) -> dict:
+    """``repeats`` timings of ``n`` batches each from ``it``; the median is the figure."""
     for _ in range(warmup):
         next(it)
     secs = benchlib.time_interleaved({"it": lambda: next(it)}, repeats, n)["it"]
-    rates = [1 / s for s in secs]
     it.close()
-    median = float(np.median(rates))
-    return {"batches_per_repeat": n, "repeats": repeats, "batches_per_s": median,
-            "batches_per_s_all": rates, "examples_per_s": median * BATCH}
+    r = benchlib.rate_summary(secs, 1)  # per call = per batch
+    return {"batches_per_repeat": n, "batches_per_s": r["ex_per_s"], "s_per_batch": secs}
 
 
 def pipeline_figures(mnre_dir: Path) -> dict:
@@ -92,8 +89,8 @@ def pipeline_figures(mnre_dir: Path) -> dict:
             max_len=MAX_LEN, use_images=True, image_spec=spec), 8),
     ]
     for name, src, cfg, n in settings:
-        figures = time_batches(lambda src=src, cfg=cfg: P.make_train_iterator(
-            src, tokenizer, cfg, seed=0, batch_size=BATCH, shard_options=shard), n)
+        figures = time_batches(P.make_train_iterator(src, tokenizer, cfg, seed=0,
+                                                     batch_size=BATCH, shard_options=shard), n)
         figures["config"] = {"num_threads": cfg.num_threads, "num_workers": cfg.num_workers,
                              "prefetch_buffer_size": cfg.prefetch_buffer_size,
                              "use_images": cfg.use_images}
@@ -114,22 +111,14 @@ def main() -> None:
     figures = {"benchmark": "input_pipeline", "machine": benchlib.machine(),
                "batch_size": BATCH, "max_len": MAX_LEN, "marker_style": "typed",
                "buckets": [32, 48, 64, 80], "tokenizer": "all-MiniLM-L6-v2 (offline package)"}
-    figures["load_average_before"] = list(os.getloadavg())
     figures.update(pipeline_figures(mnre_dir))
     figures["load_average_after"] = list(os.getloadavg())
-
-    step = json.loads(Path(args.train_step_json).read_text())
-    examples_per_s = step["summary"]["jax_ex_per_s"]
-    figures["train_step"] = {"source": args.train_step_json, "summary": step["summary"]}
-    text = figures["settings"]["text_only"]["batches_per_s"]
-    consumed = examples_per_s / BATCH
-    settings = figures["settings"]
-    figures["summary"] = {
-        "batches_per_s": text, "train_step_batches_per_s": consumed,
-        "batches_per_s_images_as_available": settings["images_as_available"]["batches_per_s"],
-        "batches_per_s_images_all_present":
-            settings["images_all_present_jpeg_decode"]["batches_per_s"],
-        "ratio_vs_train_step": text / consumed}
+    step = json.loads(Path(args.train_step_json).read_text())["summary"]
+    figures["train_step"] = {"source": args.train_step_json, "summary": step}
+    consumed = step["jax_ex_per_s"] / BATCH
+    rates = {name: r["batches_per_s"] for name, r in figures["settings"].items()}
+    figures["summary"] = {"batches_per_s": rates, "train_step_batches_per_s": consumed,
+                          "ratio_vs_train_step": rates["text_only"] / consumed}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures["summary"], indent=2))

@@ -114,26 +114,6 @@ def build_torch(jax_model: Any, vcfg: Any) -> Any:
     return model
 
 
-def jax_step(model: Any, batch: dict[str, np.ndarray]) -> tuple[Any, dict]:
-    """``step() -> loss`` of the library's trainer on ``batch`` (the donated state lives in the
-    returned dict, with the trainer and the placed batch and relations)."""
-    import jax
-
-    from roc_jax import parallel
-    from roc_jax.train_lib import make_trainer
-
-    mesh = parallel.make_mesh(jax.devices()[:1])
-    trainer, state = make_trainer(model, benchlib.TRAIN_CFG, total_steps=100_000, mesh=mesh)
-    js = {"trainer": trainer, "state": state, "batch": parallel.shard_batch(batch, mesh),
-          "rel": parallel.replicate(RELATIONS, mesh)}
-
-    def step() -> Any:
-        js["state"], out = trainer.train_step(js["state"], js["batch"], js["rel"])
-        return out["loss"]
-
-    return step, js
-
-
 def side_child(args: argparse.Namespace) -> None:
     """One framework's step (and, for JAX, the matmul probe) in alternating blocks in this fresh
     process; prints one JSON line (blocks, page faults and kernel time, final loss, parity)."""
@@ -153,7 +133,7 @@ def side_child(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(os.cpu_count())
         tmodel = build_torch(model, vcfg).eval()
-        _, js = jax_step(model, batch)  # the parity reference only
+        _, js = benchlib.jax_train_step(model, batch, RELATIONS, jax.devices()[:1])  # parity
         ref = js["trainer"].eval_step(js["state"]["params"], js["batch"], js["rel"])["logits"]
         tb = benchlib.torch_batch(batch)
         rel = [torch.from_numpy(RELATIONS[k]) for k in ("embeddings", "mask")]
@@ -163,12 +143,11 @@ def side_child(args: argparse.Namespace) -> None:
         out["torch_num_threads"] = torch.get_num_threads()
         out["attn"] = tmodel.text.config._attn_implementation
     else:
-        fns["jax"] = jax_step(model, batch)[0]
+        fns["jax"] = benchlib.jax_train_step(model, batch, RELATIONS, jax.devices()[:1])[0]
         t0 = time.perf_counter()
         jax.block_until_ready(fns["jax"]())
         out["compile_and_first_step_s"] = time.perf_counter() - t0
-        if args.matmul:
-            fns["matmul"] = benchlib.matmul_probe(args.matmul)[0]
+        fns["matmul"] = benchlib.matmul_probe(args.matmul)[0]
 
     def sync(x: Any) -> Any:
         return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
@@ -207,29 +186,23 @@ def compare(name: str, image_size: int, args: argparse.Namespace) -> dict[str, A
     flops = runs["jax"][0]["flops"]
     res: dict[str, Any] = {"batch": BATCH, "length": LENGTH, "image_size": image_size,
                            "rounds": args.rounds, "flops_per_example": flops,
-                           "parity_max_abs_diff_logits": runs["torch"][0]["parity"],
-                           "torch_num_threads": runs["torch"][0]["torch_num_threads"],
-                           "torch_attn_implementation": runs["torch"][0]["attn"],
-                           "process_env": PROCESS_ENV, "processes": runs}
-    if args.matmul:
-        peak = 2.0 * args.matmul**3 / statistics.median(
-            t for c in runs["jax"] for t in c["blocks"]["matmul"])
-        res["mfu_denominator_flops_per_s"] = peak
+                           "process_env": PROCESS_ENV, "processes": runs,
+                           **{k: runs["torch"][0][k] for k in ("parity", "attn",
+                                                               "torch_num_threads")}}
+    res["mfu_denominator_flops_per_s"] = peak = 2.0 * args.matmul**3 / statistics.median(
+        t for c in runs["jax"] for t in c["blocks"]["matmul"])
     for side, children in runs.items():
         res[side] = benchlib.rate_summary([t for c in children for t in c["blocks"][side]], BATCH)
         for key in ("minor_faults", "sys_s"):
             res[side][f"{key}_per_step"] = statistics.median(v for c in children
                                                              for v in c["usage"][key])
         res[side]["final_loss"] = children[-1]["final_loss"]
-        if args.matmul:
-            res[side]["mfu"] = flops[side] * res[side]["ex_per_s"] / peak
+        res[side]["mfu"] = flops[side] * res[side]["ex_per_s"] / peak
     res["ratio_vs_torch"] = res["jax"]["ex_per_s"] / res["torch"]["ex_per_s"]
-    if args.matmul:
-        res["mfu"], res["torch_mfu"] = res["jax"]["mfu"], res["torch"]["mfu"]
+    res["mfu"], res["torch_mfu"] = res["jax"]["mfu"], res["torch"]["mfu"]
     print(f"[{name}] jax {res['jax']['ex_per_s']:.2f} ex/s, torch {res['torch']['ex_per_s']:.2f}, "
-          f"ratio {res['ratio_vs_torch']:.2f}, mfu {res.get('mfu', float('nan')):.3f}", flush=True)
+          f"ratio {res['ratio_vs_torch']:.2f}, mfu {res['mfu']:.3f}", flush=True)
     return res
-
 
 
 def op_category(op_name: str) -> tuple[str, str]:
@@ -253,7 +226,8 @@ def profile(image_size: int, out_txt: Path, steps: int = 2) -> dict[str, Any]:
     import jax
 
     model = build_roc(image=bool(image_size))[0]
-    step, js = jax_step(model, benchlib.synthetic_batch(BATCH, LENGTH, image_size=image_size))
+    batch = benchlib.synthetic_batch(BATCH, LENGTH, image_size=image_size)
+    step, js = benchlib.jax_train_step(model, batch, RELATIONS, jax.devices()[:1])
     cells = dict(zip(js["trainer"].train_step.__code__.co_freevars,
                      (c.cell_contents for c in js["trainer"].train_step.__closure__), strict=True))
     jax.block_until_ready(step())  # compile
@@ -310,7 +284,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=1, help="steps per timed block")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=112)
-    ap.add_argument("--matmul", type=int, default=2048, help="side of the matmul probe; 0: none")
+    ap.add_argument("--matmul", type=int, default=2048, help="side of the matmul probe")
     ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # a child
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
     args = ap.parse_args()
