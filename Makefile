@@ -12,12 +12,12 @@ BUDGET ?= short
 WORKDIR ?= workdirs/mnre_offline_$(BUDGET)
 BUDGET_FLAGS_short := --config.num_epochs=2 --config.train.lr_encoder=5e-5
 BUDGET_FLAGS_paper :=
-BUDGET_NOTE_short := 2 epochs (764 steps of 32), encoder learning rate 5e-5. With $(CONFIG): \
-  about 25-30 min on a 2-core CPU (plus the one-off dataset build of a first run), val \
-  micro-F1 about 56 (benchmarks/results/mnre_quality.json, budget e2). The paper's schedule: \
-  make train BUDGET=paper
+BUDGET_NOTE_short := 2 epochs (764 steps of 32 on MNRE-2), encoder learning rate 5e-5. For \
+  configs/mnre.py:offline about 25-30 min on a 2-core CPU (plus the one-off dataset build of a \
+  first run), val micro-F1 about 56 (benchmarks/results/mnre_quality.json, budget e2). The \
+  paper's schedule: make train BUDGET=paper
 BUDGET_NOTE_paper := the config's own schedule (configs/mnre.py: 20 epochs, 7,640 steps of 32). \
-  With configs/mnre.py:offline: about 6.5 h on a 2-core CPU; use a GPU or TPU.
+  For configs/mnre.py:offline about 6.5 h on a 2-core CPU; use a GPU or TPU.
 # On a CPU backend XLA:CPU's per-step buffers go on 2 MiB pages: glibc reads this tunable only
 # at process start, so it is set here (docs/performance.md, "Host memory").
 HUGE_PAGES_TUNABLE := glibc.malloc.hugetlb=1
