@@ -58,13 +58,9 @@ def machine() -> dict[str, Any]:
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: int,
                      sync: Callable[[Any], Any] = lambda x: x, usage: dict | None = None
                      ) -> dict[str, list[float]]:
-    """Seconds per call, one entry per block of ``iters`` calls, for each of ``repeats`` rounds.
-
-    The functions' blocks alternate within each round so that every side sees the same load over
-    time. ``sync`` is applied to a block's last result (e.g. ``jax.block_until_ready``) so that
-    asynchronous dispatch does not end a block early. If ``usage`` is a dict, it receives per
-    name the minor page faults and kernel (system) seconds per call of each block.
-    """
+    """Seconds per call of each block of ``iters`` calls, the functions' blocks alternating for
+    ``repeats`` rounds. ``sync`` (e.g. ``jax.block_until_ready``) ends a block on its last result;
+    ``usage``, if a dict, receives per name the minor page faults and kernel seconds per call."""
     out: dict[str, list[float]] = {name: [] for name in fns}
     if usage is not None:
         usage.update({name: {"minor_faults": [], "sys_s": []} for name in fns})
@@ -105,9 +101,8 @@ def rate_summary(seconds_per_call: list[float], examples_per_call: int) -> dict[
 
 
 def matmul_probe(n: int, dtype: str = "float32") -> tuple[Callable[[], Any], float]:
-    """``(call, flops)``: an ``n x n @ n x n`` XLA product on the default device, compiled, and
-    its FLOPs. Its measured rate is the MFU denominator: the limit the hardware reaches through
-    the same compiler."""
+    """``(call, flops)``: a compiled ``n x n @ n x n`` XLA product and its FLOPs; its rate is the
+    MFU denominator, the limit the hardware reaches through the same compiler."""
     import jax
     import jax.numpy as jnp
 
@@ -140,14 +135,11 @@ def train_flops_per_example(text: Any, seq: int, batch: int, relations: tuple[in
                             vision: Any = None, image_size: int = 0, fusion: int = 2,
                             proj: int = 256, pruned: bool = True,
                             object_tails: bool = False) -> float:
-    """Training FLOPs per example of ROC: the text layers over ``seq`` tokens; with ``vision``,
-    patch embedding ``2N(3p^2)dv``, its layers over ``T = N + 1`` tokens and the projection
-    ``2T dv d``; ``fusion`` layers over all tokens; pair head ``2(2d d + d P) + 2RP``; relation
-    projection ``2RK Dd P`` per step over ``batch``. Norms, softmax, optimizer not counted.
-
-    ``text``/``vision``: configs (dataclass or HF dict); ``relations``: (R, K). ``pruned``: the
-    last fusion layer at the two markers (``prune_last_fusion_layer``; plus the image tokens when
-    the batch has object-tail fields, ``object_tails``); the field's PyTorch code computes all.
+    """Training FLOPs per example: text layers over ``seq`` tokens; with ``vision`` (a config, as
+    ``text``: dataclass or HF dict) patch embedding, layers over ``T = N + 1`` tokens, projection
+    ``2T dv d``; ``fusion`` layers over all; pair head; relation projection ``2RK Dd P / batch``.
+    ``pruned``: the last fusion layer at the two markers (plus the image tokens when the batch has
+    object-tail fields, ``object_tails``), as roc_jax computes it; the field's code computes all.
     """
     def _dim(cfg: Any, key: str) -> int:
         return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
@@ -171,9 +163,8 @@ def train_flops_per_example(text: Any, seq: int, batch: int, relations: tuple[in
 
 def jax_train_step(model: Any, batch: dict[str, np.ndarray], relations: dict[str, np.ndarray],
                    devices: Any = None) -> tuple[Callable[[], Any], dict[str, Any]]:
-    """``(step, js)``: ``step() -> loss`` runs the library's jitted, donated train step
-    (``train_lib.make_trainer``, the configs' optimizer) on ``batch`` over ``devices`` (all when
-    None); ``js`` holds the trainer, the current state and the placed batch and relations."""
+    """``(step, js)``: ``step() -> loss`` runs the library's jitted, donated train step on
+    ``batch`` over ``devices`` (all when None); ``js``: the trainer, state, batch and relations."""
     from roc_jax import parallel
     from roc_jax.train_lib import make_trainer
 

@@ -1,17 +1,14 @@
 """Paper-size ROC train step on a GPU: examples/s and MFU, JAX next to PyTorch, in one sweep.
 
-The model has the paper's shapes (bert-base text tower, CLIP ViT-B/32 at 224 px, 2 fusion layers,
-23 relations x 5 descriptions), random weights, synthetic batches of 80 tokens on the device,
-float32 parameters. Each variant of ``--runs`` trains ``--seconds`` after its compile; examples/s
-is the median over chunks of ``--chunk`` synchronised steps. A variant is
-``b<batch>_jax_<einsum|fused>_<bf16|f32>`` (``fused``: ``jax.nn.dot_product_attention``, cuDNN
-flash attention, which has no attention-probability dropout, so that variant trains without it)
-or ``b<batch>_torch_bf16`` (``torch_roc.TorchROC``, SDPA attention, autocast). The default order
-puts the most telling first; one that would end after ``--budget`` seconds is recorded as skipped,
-one that fails records its error; the results file is rewritten after each. MFU: the FLOPs per
-example that side computes (``benchlib.train_flops_per_example``; roc_jax's last fusion layer at
-the markers, PyTorch's at every position) x examples/s over the card's dense bf16 peak and over
-the bf16 ``8192^3`` matmul rate measured here.
+The paper's shapes (bert-base, CLIP ViT-B/32 at 224 px, 2 fusion layers, 23 x 5 descriptions),
+random weights, synthetic 80-token batches on the device. Each variant of ``--runs`` trains
+``--seconds`` after its compile (examples/s: the median over chunks of ``--chunk`` steps):
+``b<batch>_jax_<einsum|fused>_<bf16|f32>`` (``fused``: cuDNN flash attention through
+``jax.nn.dot_product_attention``, trained without attention dropout, which it lacks) or
+``b<batch>_torch_bf16`` (``torch_roc.TorchROC``, SDPA, autocast). One that would end after
+``--budget`` seconds is skipped, one that fails records its error; the file is rewritten after
+each. MFU: the FLOPs per example each side computes x examples/s, over the card's dense bf16 peak
+and over the measured bf16 ``8192^3`` matmul rate.
 
     bash benchmarks/gpu.sh                       # writes benchmarks/results/gpu-<card>.json
     python benchmarks/gpu_train_step.py --tiny --seconds 1 --out /tmp/gpu.json   # CPU smoke test
@@ -101,8 +98,7 @@ def run_torch(args, batch_size: int) -> dict:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def sync(_=None):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        return torch.cuda.synchronize() if dev.type == "cuda" else None
 
     text, vision = args.model
     tcfg = BertConfig(**{k: v for k, v in text.items() if k != "model_type"})

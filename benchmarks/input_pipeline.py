@@ -1,12 +1,10 @@
 """Input-pipeline throughput on real MNRE text, against what the MiniLM-L6 train step consumes.
 
-Batches/s of ``make_train_iterator`` (global batch 32, max_len 80, typed markers, buckets
-32/48/64/80) on ``mnre_train.txt``, median of 5 repeats after a warm-up, in three settings: text
-only; images as the data folder has them (a missing image gives zeros and ``has_image`` False);
-and every sample pointed at one of the folder's JPEGs, the decode and resize cost of a complete
-``img_org/`` through ``SampleSource`` (a TFDS source stores images already resized, so it is
-cheaper). The one-off text-table build (tokenizing the split) is reported apart. The train step's
-examples/s comes from ``--train-step-json`` (``summary.jax_ex_per_s`` of a train_step.py file).
+Batches/s of ``make_train_iterator`` (batch 32, max_len 80, typed markers, buckets 32/48/64/80) on
+``mnre_train.txt``, median of 5 repeats: text only; images as the folder has them (missing ones
+give zeros); every sample pointed at one of its JPEGs (the decode cost of a full ``img_org/``
+through ``SampleSource``; TFDS stores images resized). The text-table build is reported apart;
+the step's examples/s comes from ``--train-step-json`` (``summary.jax_ex_per_s``).
 
     ROC_MNRE_DIR=/path/to/mnre python benchmarks/input_pipeline.py [--train-step-json FILE]
 """

@@ -24,8 +24,7 @@ class TorchROC(nn.Module):
                  proj_dim: int = 256, temperature_init: float = 0.07,
                  pair_gelu: str = "none"):
         super().__init__()
-        # "tanh" matches roc_jax's pair MLP (jax.nn.gelu's default approximation); "none" (exact)
-        # is PyTorch's default. The cost is the same; parity checks need the match.
+        # "tanh" matches roc_jax's pair MLP (jax.nn.gelu's default) for the parity check.
         self.pair_gelu = pair_gelu
         from transformers.models.bert.modeling_bert import BertLayer
 

@@ -1,13 +1,11 @@
 """CPU throughput of the full ROC train step: JAX next to PyTorch, and next to the hardware's limit.
 
-Parts (``--parts``; each replaces its section of ``--out``, ``benchmarks/results/train_step.json``,
-with the machine and time; the file's other sections stay): ``matmul``, XLA's float32 ``2048^3``
-product (the MFU denominator); ``text``, the minilm-l6 text-only train step (forward, InfoNCE,
-backward, AdamW; the library's jitted step) at batch 32 x 64 with real weights (synthetic batch
-and description embeddings), against the same model in PyTorch (``torch_roc.TorchROC``, the
-weights copied in); ``multimodal``, the same with the dinov2-s14-offline image tower at
-``--image-size`` px; ``profile``, a ``jax.profiler`` trace of both, the XLA ops' time by kind and
-phase, in ``benchmarks/profiles/*_train_step.txt``.
+Parts (``--parts``; each replaces its section of ``--out``, the file's others stay): ``matmul``,
+XLA's float32 ``2048^3`` product; ``text``, the minilm-l6 text-only train step (the library's
+jitted step) at batch 32 x 64, real weights, synthetic batch and descriptions, against the same
+model in PyTorch (``torch_roc.TorchROC``, same weights); ``multimodal``, the same with the
+dinov2-s14-offline tower at ``--image-size`` px; ``profile``, a ``jax.profiler`` trace of both,
+the XLA ops' time by kind and phase, in ``benchmarks/profiles/*_train_step.txt``.
 
 Each framework runs in its own fresh processes, alternating for ``--rounds`` rounds, JAX on 2 MiB
 pages (as ``make train``), PyTorch on glibc's defaults (its faster setting). MFU = the FLOPs per
@@ -163,6 +161,7 @@ def side_child(args: argparse.Namespace) -> None:
 
 
 def child(args: argparse.Namespace, side: str, image_size: int) -> dict[str, Any]:
+    """Runs ``side_child`` in a fresh process; returns the JSON line it prints."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--image-size",
            str(image_size), "--repeats", str(args.repeats), "--iters", str(args.iters),
            "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
