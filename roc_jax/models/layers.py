@@ -78,8 +78,8 @@ def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
     contracted on its last axis, so it computed every kernel gradient with its slower generic dot
     after transposing the gradient ``g`` (``[M, N] -> [N, M]``, also for ``N = 1536``). Here the
     smaller of ``x`` and ``g`` is transposed explicitly and the product is an ordinary one: the
-    MiniLM text train step went from 24.8 to 28.6 examples/s (``benchmarks/train_step.py``,
-    ``generic_kernel_gradient`` in its variants).
+    MiniLM text train step went from 24.8 to 28.6 examples/s (docs/performance.md; the
+    ``generic_kernel_gradient`` variant of ``benchmarks/results/train_step.json``).
     Any other product (other dimension numbers, a precision or result type, a sharded result),
     and every product on a GPU or TPU, is ``jax.lax.dot_general`` itself. Being a
     ``jax.custom_vjp``, the CPU form has reverse-mode derivatives only: ``jax.jvp`` and
