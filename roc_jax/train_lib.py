@@ -694,7 +694,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     timer = Timer()
     dev: dict[str, Any] | None = None
     bar = Progress(stop, step, steps_per_epoch, enabled=config.train.progress_bar and is_main)
-    sigterm = _SignalFlag(signal.SIGTERM)
+    sigterm = _Preemption(step)
     failed = False
     try:
         with jax.set_mesh(mesh):
@@ -737,7 +737,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
                         _log_step(writer, bar, pending, step, exp.trainer, timer)
                         pending = []
                     save()
-                if sigterm.received and step < stop:
+                if sigterm.reached(step) and step < stop:
                     # Preemption (a TPU VM, a cluster scheduler): save this step and stop.
                     if pending:
                         _log_step(writer, bar, pending, step, exp.trainer, timer)
@@ -752,6 +752,12 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     except KeyboardInterrupt:
         # Ctrl-C: keep the work done so far (no check of unlogged steps is skipped: a step is
         # saved only after its metrics passed the finiteness check).
+        if jax.process_count() > 1:
+            # Ctrl-C reaches the processes at different steps, so they cannot save one step
+            # together; SIGTERM can (the preemption service), tools/launch_local.py sends it.
+            log.warning("interrupted at step %d: not saving (one of several processes); the "
+                        "latest checkpoint is step %s", step, manager.latest_step())
+            raise
         log.warning("interrupted at step %d: saving a checkpoint before exiting", step)
         try:
             if pending:
@@ -782,6 +788,30 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after saving its step; rerunning resumes it."""
+
+
+class _Preemption:
+    """SIGTERM, checked between steps. With one process a Python handler notes the signal. With
+    several, jax's preemption service (started by ``jax.distributed.initialize``) catches SIGTERM
+    on any host and names a step at which every host stops, so that they save that step
+    together; it needs ``reached(step)`` called at every step on every host, and once with the
+    first step (here), since it names the step after the last one it was told of."""
+
+    def __init__(self, step: int) -> None:
+        self._flag = _SignalFlag(signal.SIGTERM) if jax.process_count() == 1 else None
+        if self._flag is None:
+            self.reached(step)
+
+    def reached(self, step: int) -> bool:
+        if self._flag is not None:
+            return self._flag.received
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+
+    def restore(self) -> None:
+        if self._flag is not None:
+            self._flag.restore()
 
 
 class _SignalFlag:

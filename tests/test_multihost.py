@@ -6,7 +6,8 @@ tiny text config and fixture data (3 epochs of 2 steps, dev eval padded: 16 samp
 The runs are module fixtures (each launch costs a Python start, a model build and a compile; the
 launches share a compilation cache): the reference (1 x 4, in this process), a 2-process run that
 records what each process read, a 2-process run killed after its first checkpoint and restarted,
-its checkpoint continued in 1 process, and a 1-process checkpoint continued in 2 processes.
+its checkpoint continued in 1 process, and a 1-process checkpoint continued in 2 processes until
+one of them gets SIGTERM, then finished in 1 process.
 
 Run as a script, this file is one process of the recording 2-process run (``_worker``).
 """
@@ -231,12 +232,9 @@ def _assert_params_close(a: dict, b: dict, atol: float) -> float:
 def _dev_rows(workdir: Path) -> dict[int, dict]:
     from roc_testutil import metrics_rows
 
-    rows = {}
-    for r in metrics_rows(workdir):
-        if "dev/f1" in r:
-            assert r["step"] not in rows, f"step {r['step']} logged twice"
-            rows[r["step"]] = {k: v for k, v in r.items() if k.startswith("dev/")}
-    return rows
+    # A resumed run logs again the steps after its checkpoint: the last row of a step counts.
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("dev/")}
+            for r in metrics_rows(workdir) if "dev/f1" in r}
 
 
 LAST = 2 * NUM_EPOCHS
@@ -255,8 +253,9 @@ def test_two_processes_train_to_the_parameters_and_metrics_of_one(two_process, r
 def test_only_process_zero_writes_logs(two_process):
     from roc_testutil import metrics_rows
 
-    train_steps = [r["step"] for r in metrics_rows(two_process) if "train/loss" in r]
-    assert train_steps == [2, 4, 6]  # once each: one writer
+    rows = metrics_rows(two_process)
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]  # once each: one writer
+    assert [r["step"] for r in rows if "dev/f1" in r] == [2, 4, 6]
     assert len(list((two_process / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (two_process / "dev_metrics").iterdir()) == [
         "step_2.json", "step_4.json", "step_6.json"]
@@ -349,16 +348,33 @@ def test_two_process_checkpoint_continues_training_in_one_process(killed_and_res
     assert _dev_rows(workdir)[LAST] == _dev_rows(reference)[LAST]
 
 
-def test_one_process_checkpoint_continues_training_in_two(reference, base):
+def test_one_process_checkpoint_continues_in_two_until_sigterm_then_in_one(reference, base):
+    """1 process trains steps 1-2; 2 processes resume from its checkpoint; SIGTERM to process 1
+    alone (a preempted host) stops both at one step, which both save; 1 process finishes."""
     from roc_jax import checkpoint as ckpt
     from roc_jax import train_lib
 
-    workdir = base / "one_then_two"
+    workdir = base / "one_two_one"
     first = train_lib.train_and_evaluate(_config(base / "data", max_steps=2), workdir,
                                          mesh=_four_devices())
     assert first["step"] == 2
     assert ckpt.make_manager(workdir, read_only=True).latest_step() == 2
-    Launch(_cli_args(base / "data", workdir), base / "jax_cache").run_ok()
+    run = Launch(_cli_args(base / "data", workdir), base / "jax_cache")
+    pids = run.pids()
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while "from step 2 on 4 devices" not in run.output:  # process 0's start line
+        assert run.proc.poll() is None, f"the run ended early:\n{run.output[-5000:]}"
+        assert time.monotonic() < deadline, "the 2-process run did not start in time"
+        time.sleep(0.02)
+    os.kill(pids[1], signal.SIGTERM)
+    assert run.wait() != 0  # stopped unfinished
+    stops = {int(p): int(s) for p, s in re.findall(
+        r"^\[(\d)\] .*SIGTERM at step (\d+): saved a checkpoint", run.output, re.M)}
+    assert sorted(stops) == [0, 1], run.output[-5000:]
+    assert stops[0] == stops[1] < LAST  # one step, agreed by both processes
+    assert ckpt.make_manager(workdir, read_only=True).latest_step() == stops[0]
+    result = train_lib.train_and_evaluate(_config(base / "data"), workdir, mesh=_four_devices())
+    assert result["step"] == LAST
     _assert_params_close(_state(workdir, LAST)["params"], _state(reference, LAST)["params"],
                          PARAM_ATOL)
     assert _dev_rows(workdir)[LAST] == _dev_rows(reference)[LAST]

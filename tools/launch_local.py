@@ -12,8 +12,10 @@ devices, exactly as the hosts of a TPU pod slice or GPU cluster join (docs/multi
 command whose first word ends in ``.py`` runs with this Python interpreter.
 
 Every output line is prefixed with ``[process id]``. When a process fails, the others are killed
-(they would wait for it forever in the next collective) and the launcher exits with its status;
-Ctrl-C (or SIGTERM) is passed on to every process, a second one kills them.
+5 s later (they would wait for it forever in the next collective) and the launcher exits with its
+status.
+Ctrl-C (or SIGTERM) sends SIGTERM to every process: training saves one step on all of them and
+stops, as on a preempted TPU VM; a second Ctrl-C kills them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+
+FAILURE_GRACE_S = 5.0  # after one process failed, the others get this long to exit
 
 
 def free_port() -> int:
@@ -86,7 +90,9 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
 
     def on_signal(sig: int, _frame) -> None:
         interrupts.append(sig)
-        _signal_all(procs, sig if len(interrupts) == 1 else signal.SIGKILL)
+        # SIGTERM, whatever arrived: training treats it as a preemption, and every process stops
+        # at one agreed step and saves it (a Ctrl-C would reach them at different steps).
+        _signal_all(procs, signal.SIGTERM if len(interrupts) == 1 else signal.SIGKILL)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     first_failure: int | None = None  # the status of the process that failed first
@@ -96,9 +102,14 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
             if failed and not interrupts:
                 i, code = failed[0]
                 first_failure = code
-                print(f"launch_local: process {i} failed ({_describe(code)}): killing the "
-                      "others", file=sys.stderr, flush=True)
-                _signal_all(procs, signal.SIGKILL)
+                # A grace period: after a preemption every process exits on its own.
+                deadline = time.monotonic() + FAILURE_GRACE_S
+                while time.monotonic() < deadline and None in [p.poll() for p in procs]:
+                    time.sleep(0.05)
+                if None in [p.poll() for p in procs]:
+                    print(f"launch_local: process {i} failed ({_describe(code)}): killing the "
+                          "others", file=sys.stderr, flush=True)
+                    _signal_all(procs, signal.SIGKILL)
                 break
             time.sleep(0.05)
         for p in procs:
