@@ -327,7 +327,7 @@ def test_a_killed_process_restarted_ends_where_the_uninterrupted_run_ends(killed
     run = killed_and_restarted
     out = run["first_output"]
     assert run["first_code"] != 0
-    assert "process 0 failed (killed by SIGKILL): killing the others" in out, out[-3000:]
+    assert "launch_local: process 0: killed by SIGKILL" in out, out[-3000:]
     steps = sorted(int(p.name) for p in (run["copy"] / "checkpoints").iterdir()
                    if p.name.isdigit())
     assert 2 in steps and max(steps) < LAST  # killed mid-run, after checkpoint 2
