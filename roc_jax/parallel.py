@@ -2,7 +2,9 @@
 
 This replaces ``pmap``: parameters are replicated (``P()``), a batch is one global ``jax.Array``
 whose leading axis is split across the mesh's ``'data'`` axis, and XLA inserts the gradient
-all-reduce inside the single jit-compiled step.
+all-reduce inside the single jit-compiled step. Several processes (hosts) join through
+``initialize_distributed`` into one mesh over all their devices; each passes its own rows of
+every global batch (docs/multihost.md).
 """
 
 from __future__ import annotations
