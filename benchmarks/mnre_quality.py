@@ -29,14 +29,13 @@ most ROC and classification seeds (then the higher ROC mean), ``low_resource`` l
 ``zero_shot`` reports F1 on the unseen relations' samples and on the rest, next to the same
 setting trained on all relations at the same budget.
 
-Settings (``SETTINGS``): ``roc`` (the retrieval setting of ``configs/mnre.py``: ``None`` as a
-learned threshold, prototypes with per-relation offsets), ``roc_paper`` (the paper's design as
-far as it is known: ``None`` one more described prototype, prototypes a linear map of the
-descriptions), ``cls`` (the plain softmax head), ``cls_threshold`` (the softmax head with the
-same ``None`` rule as ``roc``), the steps between (``roc_threshold``, ``roc_offsets``), and
-the ablations of the paper's design (``roc_untyped``, ``roc_label_names``,
-``roc_one_description``, ``roc_trained_descriptions``, ``roc_no_images``). Retired settings
-(``RETIRED``) stay in the results file and the summary with the commit that last had their code.
+Settings (``SETTINGS``): ``roc`` (retrieval over the shipped descriptions, K=5, ``None`` one
+more described relation: the paper's design as far as it is known, and the default of
+``configs/mnre.py``), ``cls`` (the plain softmax head on the same encoder), and the ablations
+``roc_untyped`` (markers without entity types), ``roc_label_names`` (K=1, the label path as text),
+``roc_one_description`` (K=1, the first description), ``roc_trained_descriptions`` (the
+description tower trained, not frozen) and ``roc_no_images``. Retired hypotheses (``RETIRED``)
+stay in the results file and the summary with the commit that last had their code.
 """
 
 from __future__ import annotations
@@ -63,26 +62,19 @@ RESULTS = ROOT / "benchmarks" / "results" / "mnre_quality.json"
 DESCRIPTIONS = ROOT / "roc_jax" / "labels" / "data" / "mnre_descriptions.json"
 
 # setting -> config overrides (the ``{...}`` values are files this script writes in the workroot)
-# Each retrieval setting names its None rule and prototype freedom explicitly, so that an
-# entry means the same whatever the config's defaults are.
-PAPER = {"model.none_rule": "prototype", "model.relation_offsets": False}
-OURS = {"model.none_rule": "threshold", "model.relation_offsets": True}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "roc": OURS,
-    "roc_paper": PAPER,
-    "roc_threshold": {"model.none_rule": "threshold", "model.relation_offsets": False},
-    "roc_offsets": {"model.none_rule": "prototype", "model.relation_offsets": True},
-    "cls": {"model.head": "classification", "model.none_rule": "prototype"},
-    "cls_threshold": {"model.head": "classification", "model.none_rule": "threshold"},
-    "roc_untyped": {**PAPER, "data.marker_style": "untyped"},
-    "roc_label_names": {**PAPER, "data.descriptions": "{label_names}"},
-    "roc_one_description": {**PAPER, "data.descriptions": "{one_description}"},
-    "roc_trained_descriptions": {**PAPER, "model.train_description_tower": True},
-    "roc_no_images": {**PAPER, "data.use_images": False},
+    "roc": {},
+    "cls": {"model.head": "classification"},
+    "roc_untyped": {"data.marker_style": "untyped"},
+    "roc_label_names": {"data.descriptions": "{label_names}"},
+    "roc_one_description": {"data.descriptions": "{one_description}"},
+    "roc_trained_descriptions": {"model.train_description_tower": True},
+    "roc_no_images": {"data.use_images": False},
 }
-# setting -> the commit that last had its code (hypotheses that lost on val).
-RETIRED = {"roc_centered": "0139920", "roc_lse": "0139920", "roc_bias": "0139920"}
-SEEDED = ("roc", "cls")  # 3 seeds each; the rest one seed
+# setting -> the commit that last had its code (hypotheses that lost on val; docs/results.md).
+RETIRED = {"roc_centered": "0139920", "roc_lse": "0139920", "roc_bias": "0139920",
+           "roc_threshold": "79f9902", "roc_offsets": "79f9902"}
+SEEDED = ("roc", "cls")  # 3 seeds each; the ablations one seed
 ALL_RUNS = [(s, seed) for s in SEEDED for seed in (0, 1, 2)] + \
     [(s, 0) for s in SETTINGS if s not in SEEDED]
 
@@ -261,9 +253,6 @@ def budget_summary(group: list[dict[str, Any]]) -> dict[str, Any]:
         vs_cls[s] = row
     b = {"roc_val_f1_mean": roc_m, "roc_val_f1_std": roc_s, "roc_seeds": len(f1s["roc"]),
          "cls_val_f1_mean": cls_m, "cls_val_f1_std": cls_s, "cls_seeds": len(f1s["cls"])}
-    if f1s["cls_threshold"]:
-        b["cls_threshold_val_f1_mean"], b["cls_threshold_val_f1_std"] = \
-            _stats(f1s["cls_threshold"])
     if "roc" in vs_cls:
         b["roc_minus_cls"] = vs_cls["roc"]["minus_cls"]
         if "beats_cls_beyond_spread" in vs_cls["roc"]:
@@ -336,8 +325,7 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
         return _headline({k: v for k, v in budgets.items() if protocols[k] == protocol})
 
     keys = ("roc_val_f1_mean", "roc_val_f1_std", "roc_seeds", "cls_val_f1_mean",
-            "cls_val_f1_std", "cls_seeds", "cls_threshold_val_f1_mean",
-            "cls_threshold_val_f1_std", "roc_minus_cls", "roc_beats_cls_beyond_spread")
+            "cls_val_f1_std", "cls_seeds", "roc_minus_cls", "roc_beats_cls_beyond_spread")
     out: dict[str, Any] = {}
     head = pick("full")
     if head is not None:

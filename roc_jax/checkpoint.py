@@ -44,8 +44,7 @@ ITEMS = ("state", "labels", "data", "meta")
 # model's architecture and the label set. Everything else (epochs, max_steps, logging) may change
 # between a run and its restart.
 _MODEL_KEYS = ("head", "text_encoder", "image_encoder", "fusion_layers", "proj_dim",
-               "train_description_tower", "random_init", "text_config", "image_config",
-               "none_rule", "relation_offsets")
+               "train_description_tower", "random_init", "text_config", "image_config")
 
 
 class CheckpointError(RuntimeError):

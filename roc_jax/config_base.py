@@ -68,12 +68,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.fusion_layers = 2
     c.model.proj_dim = 256
     c.model.temperature_init = 0.07
-    # How `None` is decided: 'threshold' (a learned threshold class that the gold relation must
-    # clear, ATLOP's loss) or 'prototype' (a described relation like the others).
-    c.model.none_rule = "prototype"
-    # Per-relation offsets on the projected descriptions (zeros at init): prototypes anchored on
-    # the descriptions but free to separate.
-    c.model.relation_offsets = False
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
     # Batches where no row has an image skip the vision tower and fuse the text alone (lax.cond).
     c.model.skip_vision_without_images = True

@@ -31,7 +31,7 @@ from flax import nnx
 from roc_jax import host_memory, parallel
 from roc_jax import metrics as metrics_lib
 from roc_jax.data import subsets
-from roc_jax.losses import relation_loss
+from roc_jax.losses import masked_xent
 from roc_jax.models.roc import ROC, is_pretrained_path
 
 log = logging.getLogger("roc_jax")
@@ -167,8 +167,7 @@ def _compiled_steps(gdef_train: Any, gdef_eval: Any, spec: OptSpec,
         def loss_fn(params):
             model = nnx.merge(gdef_train, params, step_rest, copy=True)
             logits, _ = model(batch, relations)
-            return relation_loss(model.config.none_rule, logits, batch["label"], batch["mask"],
-                                 model.config.none_index)
+            return masked_xent(logits, batch["label"], batch["mask"])
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -543,8 +542,7 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
             candidates = sorted(manager.all_steps(), reverse=True) if restore == "latest" \
                 else [ckpt.select_step(manager, restore)]
     built = create_model(config.model, use_images=config.data.use_images,
-                         num_relations=len(label_names), seed=config.seed,
-                         none_index=label_names.index("None") if "None" in label_names else -1)
+                         num_relations=len(label_names), seed=config.seed)
     if built.random_init:
         log.warning("model.random_init=True: RANDOM text/image encoders (tests and smoke runs "
                     "only; the scores mean nothing)")

@@ -31,7 +31,7 @@ def test_ablation_description_files_have_one_valid_description_per_relation(tmp_
     for name in names:
         assert first[name] == shipped[name][:1]
     assert mq.overrides_of("roc_label_names", files) == {
-        **mq.PAPER, "data.descriptions": files["label_names"]}
+        "data.descriptions": files["label_names"]}
 
 
 def _report(step, f1):

@@ -7,16 +7,6 @@
     rels  = l2norm(proj(description embeddings [R, K, Dd]))            [R, K, P]
     score = cos(pair, mean_k rels) / temperature                     [B, R]
 
-Two choices the measurements decide (``docs/results.md``):
-- ``none_rule='threshold'``: ``None`` is not a described prototype but a learned threshold (ATLOP,
-  Zhou et al. 2021): its logit is ``cos(pair, l2norm(t)) / temperature + b`` with a free vector
-  ``t [P]`` and bias ``b``, the loss (``roc_jax.losses``) ranks the gold relation above it and it
-  above every other relation, and ``None`` is predicted when no relation clears it (the argmax).
-  ``'prototype'``: ``None`` is one more described relation (the paper, as far as it is known).
-- ``relation_offsets``: every relation's projected descriptions get a per-relation offset
-  ``u_r [P]`` (zeros at init) before the normalization, ``l2norm(W e_rk + u_r)``, so that the
-  prototypes stay anchored on the descriptions but can separate from their neighbours.
-
 ``h_head`` / ``h_tail`` are the fused states at the start markers (``head_index``/``tail_index``);
 a MORE image-object tail pools the fused image-patch states inside ``tail_box`` instead. The
 temperature is learned and stored as a log (big_vision's two_towers). ``head='classification'``
@@ -44,7 +34,6 @@ from roc_jax.models.scoring import l2_normalize, relation_scores
 Array = jax.Array
 
 HEADS = ("retrieval", "classification")
-NONE_RULES = ("prototype", "threshold")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +47,6 @@ class ROCConfig:
     proj_dim: int = 256
     temperature_init: float = 0.07
     train_description_tower: bool = False
-    # How `None` is decided: 'prototype' (a described relation) or 'threshold' (a learned
-    # threshold class in the None slot, with the ranking loss of roc_jax.losses).
-    none_rule: str = "prototype"
-    none_index: int = -1  # the id of `None` (needed by none_rule='threshold')
-    # Per-relation offsets u_r [R, P] added to the projected descriptions (zeros at init).
-    relation_offsets: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
     # rows alone; MNRE as distributed here has an image in 49 of 12,247 samples. 0: off.
@@ -80,12 +63,6 @@ class ROCConfig:
             raise ValueError(f"model.head={self.head!r}; expected one of {HEADS}")
         if self.num_relations < 2:
             raise ValueError(f"num_relations={self.num_relations}: need at least 2 relations")
-        if self.none_rule not in NONE_RULES:
-            raise ValueError(f"model.none_rule={self.none_rule!r}; expected one of {NONE_RULES}")
-        if self.none_rule == "threshold" and not 0 <= self.none_index < self.num_relations:
-            raise ValueError(f"model.none_rule='threshold' needs the id of 'None' among the "
-                             f"{self.num_relations} relations (none_index={self.none_index}): "
-                             "the label set has no 'None'")
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:
@@ -162,19 +139,9 @@ class ROC(nnx.Module):
             self.rel_proj = dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
             self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
                                                          jnp.float32))
-            self.relation_offset = (
-                nnx.Param(jnp.zeros((config.num_relations, config.proj_dim), jnp.float32))
-                if config.relation_offsets else None)
-            if config.none_rule == "threshold":
-                self.threshold_vector = nnx.Param(jax.random.normal(
-                    rngs.params(), (config.proj_dim,), jnp.float32) / math.sqrt(config.proj_dim))
-                self.threshold_bias = nnx.Param(jnp.zeros((), jnp.float32))
-            else:
-                self.threshold_vector = self.threshold_bias = None
             self.classifier = None
         else:
             self.pair_proj = self.rel_proj = self.log_temperature = None
-            self.relation_offset = self.threshold_vector = self.threshold_bias = None
             self.classifier = dense(d, config.num_relations, dtype=dtype, rngs=rngs)
         if config.train_description_tower and description_encoder is None:
             raise ValueError("model.train_description_tower=True needs a description encoder")
@@ -317,11 +284,6 @@ class ROC(nnx.Module):
         else:
             emb = relations["embeddings"]
         proj = self.rel_proj(emb.astype(self.dtype)).astype(jnp.float32)
-        if self.relation_offset is not None:
-            offset = self.relation_offset[...]
-            # Relations added after training (predict's extra descriptions) have no offset.
-            offset = jnp.pad(offset, ((0, proj.shape[0] - offset.shape[0]), (0, 0)))
-            proj = proj + offset[:, None, :]
         return l2_normalize(proj)
 
     def temperature(self) -> Array:
@@ -339,9 +301,6 @@ class ROC(nnx.Module):
         rels = self.encode_relations(relations)
         t = self.temperature()
         logits = relation_scores(pair, rels, relations["mask"], t)
-        if self.threshold_vector is not None:
-            th = pair @ l2_normalize(self.threshold_vector[...]) / t + self.threshold_bias[...]
-            logits = logits.at[:, self.config.none_index].set(th)
         return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
 
 PRETRAINED_PREFIXES = ("text", "vision", "description")
@@ -379,13 +338,12 @@ def _random_tokenizer() -> Any:
 
 
 def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: int = 0,
-                 description_dim: int | None = None, none_index: int = -1) -> Built:
+                 description_dim: int | None = None) -> Built:
     """Builds ROC from the ``config.model`` section: pretrained presets or random encoders.
 
     Random encoders only when ``model_cfg.random_init`` is True (the tiny config); a preset that
     fails to load raises, it never falls back to random weights. ``description_dim`` is needed
-    only when the description encoder is not built here (restoring from a cache);
-    ``none_index`` (the id of ``None``) only with ``model.none_rule='threshold'``.
+    only when the description encoder is not built here (restoring from a cache).
     """
     from roc_jax.models import weights
     from roc_jax.models.vit import ViT, ViTConfig
@@ -429,10 +387,6 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
         train_description_tower=model_cfg.train_description_tower,
-        # Checkpoints written before the options existed were trained without them.
-        none_rule=model_cfg.get("none_rule", "prototype"),
-        none_index=none_index,
-        relation_offsets=model_cfg.get("relation_offsets", False),
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
         prune_last_fusion_layer=model_cfg.get("prune_last_fusion_layer", True),
