@@ -55,7 +55,9 @@ def _train(argv: list[str]) -> None:
     except ckpt.CheckpointError as e:  # a failed save, a workdir of another model, ...
         sys.exit(f"error: {e}")
     dev = result["dev"]
-    if dev is not None:
+    import jax
+
+    if dev is not None and jax.process_index() == 0:  # one line per run, not per host
         print(f"step {result['step']}: dev micro-F1 {dev['f1']:.4f} (P {dev['precision']:.4f} "
               f"R {dev['recall']:.4f}) accuracy {dev['accuracy']:.4f}; best step "
               f"{result['best_step']}")
