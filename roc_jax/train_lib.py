@@ -550,9 +550,14 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
     restored = None
     from roc_jax.labels import cache as cache_lib
 
-    if candidates:
-        restored = _restore_newest(manager, candidates, trainer.abstract_state(state), config,
-                                   label_names, with_optimizer)
+    try:
+        if candidates:
+            restored = _restore_newest(manager, candidates, trainer.abstract_state(state),
+                                       config, label_names, with_optimizer)
+    finally:  # also on a failed restore: an open manager's threads outlive the error message
+        if manager is not None:
+            manager.close()
+    if restored is not None:
         step = restored["step"]
         state = restored["state"] if with_optimizer else \
             {**restored["state"], "opt_state": state["opt_state"]}
@@ -563,8 +568,6 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
         log.info("restored %s step %d", manager.directory, step)
     else:
         cache = _same_on_every_host(build_description_cache(config, built, label_names))
-    if manager is not None:
-        manager.close()
     rel = relations_input(config, cache, built.description_tokenizer)
     return Experiment(config, label_names, built, cache, trainer, state,
                       parallel.replicate(rel, mesh), pipeline_config(config, built.image_spec),
