@@ -7,16 +7,16 @@ PY := $(VENV)/bin/python
 ROC_DATA_DIR ?= data/mnre
 CONFIG ?= configs/mnre.py:offline
 # BUDGET=short (the default): 2 epochs at encoder learning rate 5e-5, about 25 to 30 minutes on a
-# 2-core CPU with configs/mnre.py:offline. BUDGET=paper: the config's own schedule (20 epochs).
+# 2-core CPU with configs/mnre.py:offline. BUDGET=full: the config's own schedule (20 epochs).
 BUDGET ?= short
 WORKDIR ?= workdirs/mnre_offline_$(BUDGET)
 BUDGET_FLAGS_short := --config.num_epochs=2 --config.train.lr_encoder=5e-5
-BUDGET_FLAGS_paper :=
+BUDGET_FLAGS_full :=
 BUDGET_NOTE_short := 2 epochs (764 steps of 32 on MNRE-2), encoder learning rate 5e-5. For \
   configs/mnre.py:offline about 25-30 min on a 2-core CPU (plus the one-off dataset build of a \
   first run), val micro-F1 about 56 (benchmarks/results/mnre_quality.json, budget e2). The \
-  paper's schedule: make train BUDGET=paper
-BUDGET_NOTE_paper := the config's own schedule (configs/mnre.py: 20 epochs, 7,640 steps of 32). \
+  config's full schedule: make train BUDGET=full
+BUDGET_NOTE_full := the config's own schedule (configs/mnre.py: 20 epochs, 7,640 steps of 32). \
   For configs/mnre.py:offline about 6.5 h on a 2-core CPU; use a GPU or TPU.
 # On a CPU backend XLA:CPU's per-step buffers go on 2 MiB pages: glibc reads this tunable only
 # at process start, so it is set here (docs/performance.md, "Host memory").
@@ -39,7 +39,7 @@ test: install
 	$(PY) -m pytest -q
 
 train: install
-	$(if $(filter $(BUDGET),short paper),,$(error BUDGET=$(BUDGET): use short or paper))
+	$(if $(filter $(BUDGET),short full),,$(error BUDGET=$(BUDGET): use short or full))
 	@echo "make train: $(CONFIG) on $(ROC_DATA_DIR), into $(WORKDIR)"
 	@echo "  budget $(BUDGET): $(BUDGET_NOTE_$(BUDGET))"
 	@backend=$$($(PY) -c 'import jax; print(jax.default_backend())' 2>/dev/null); \

@@ -104,10 +104,10 @@ def test_make_train_runs_the_short_budget_with_huge_pages_on_cpu(tmp_path):
     assert run.endswith("--config.num_epochs=2 --config.train.lr_encoder=5e-5")
 
 
-def test_make_train_paper_budget_and_other_backends(tmp_path):
-    run = make_train(tmp_path, "gpu", "BUDGET=paper").strip().splitlines()[-1]
+def test_make_train_full_budget_and_other_backends(tmp_path):
+    run = make_train(tmp_path, "gpu", "BUDGET=full").strip().splitlines()[-1]
     assert run == ("TUNABLES=[] DATA=[/data/mnre] ARGS=train.py --config configs/mnre.py:offline "
-                   "--workdir workdirs/mnre_offline_paper")
+                   "--workdir workdirs/mnre_offline_full")
 
 
 def test_entry_points_do_not_replace_their_process():
