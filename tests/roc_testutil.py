@@ -55,3 +55,17 @@ def read_state(workdir: Path, step: int) -> dict:
     import orbax.checkpoint as ocp
 
     return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def assert_same_state(ref_dir: Path, workdir: Path, step: int) -> None:
+    """The saved train states of two runs at ``step`` are bitwise equal, leaf by leaf."""
+    import jax
+    import numpy as np
+
+    ref, got = read_state(ref_dir, step), read_state(workdir, step)
+    leaves_ref = jax.tree_util.tree_leaves_with_path(ref)
+    leaves_got = jax.tree_util.tree_leaves_with_path(got)
+    assert [p for p, _ in leaves_ref] == [p for p, _ in leaves_got]
+    for (path, a), (_, b) in zip(leaves_ref, leaves_got, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                      err_msg=jax.tree_util.keystr(path))

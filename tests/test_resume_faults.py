@@ -16,20 +16,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from roc_testutil import REPO, read_state, tiny_config
+from roc_testutil import REPO, assert_same_state, read_state, tiny_config
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import inference, train_lib
-
-
-def _assert_same_params(ref_dir, workdir, step=4):
-    ref, got = read_state(ref_dir, step), read_state(workdir, step)
-    leaves_ref = jax.tree_util.tree_leaves_with_path(ref)
-    leaves_got = jax.tree_util.tree_leaves_with_path(got)
-    assert [p for p, _ in leaves_ref] == [p for p, _ in leaves_got]
-    for (path, a), (_, b) in zip(leaves_ref, leaves_got, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                      err_msg=jax.tree_util.keystr(path))
 
 
 def corrupt_state(workdir, step, where="header"):
@@ -76,7 +66,7 @@ def test_corrupted_latest_resumes_from_the_previous_one(trained, corrupted, tmp_
     assert warnings[0].endswith(f"resuming from step 2 instead (step 3 moved to "
                                 f"{workdir}/unreadable_checkpoints/3)")
     assert (workdir / "unreadable_checkpoints" / "3" / "state").is_dir()
-    _assert_same_params(ref_dir, workdir)
+    assert_same_state(ref_dir, workdir, 4)
 
 
 def test_load_of_a_corrupted_checkpoint_is_one_line(corrupted):
@@ -170,7 +160,7 @@ def test_sigterm_mid_epoch_saves_and_a_restart_ends_like_an_uninterrupted_run(
     assert ckpt.make_manager(workdir, read_only=True).latest_step() == 3
     assert train_lib.train_and_evaluate(tiny_config(Path(config.data.raw_dir)),
                                         workdir)["step"] == 4
-    _assert_same_params(ref_dir, workdir)
+    assert_same_state(ref_dir, workdir, 4)
 
 
 def test_failed_save_stops_training_and_keeps_earlier_checkpoints(trained, tmp_path,
@@ -201,7 +191,7 @@ def test_failed_save_stops_training_and_keeps_earlier_checkpoints(trained, tmp_p
     assert inference.load(workdir, checkpoint=2).step == 2
     assert train_lib.train_and_evaluate(tiny_config(Path(config.data.raw_dir)),
                                         workdir)["step"] == 4
-    _assert_same_params(ref_dir, workdir)
+    assert_same_state(ref_dir, workdir, 4)
 
 
 def test_meta_records_the_data_fingerprint(trained):

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from roc_testutil import REPO, metrics_rows, read_state, tiny_config
+from roc_testutil import REPO, assert_same_state, metrics_rows, read_state, tiny_config
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import parallel, train_lib
@@ -62,13 +62,7 @@ def test_exact_resume_equals_uninterrupted_run(trained, trained_result, tmp_path
     again = tiny_config(Path(config.data.raw_dir))
     second = train_lib.train_and_evaluate(again, workdir)
     assert second["step"] == 4
-    ref, got = read_state(ref_dir, 4), read_state(workdir, 4)
-    leaves_ref = jax.tree_util.tree_leaves_with_path(ref)
-    leaves_got = jax.tree_util.tree_leaves_with_path(got)
-    assert [p for p, _ in leaves_ref] == [p for p, _ in leaves_got]
-    for (path, a), (_, b) in zip(leaves_ref, leaves_got, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                      err_msg=jax.tree_util.keystr(path))
+    assert_same_state(ref_dir, workdir, 4)
     assert _dev_rows(workdir)[4] | {"time": 0} == _dev_rows(ref_dir)[4] | {"time": 0}
     assert second["dev"]["f1"] == trained_result["dev"]["f1"]
 

@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from roc_jax.data import entity_types
+from roc_jax.data.download import sha256_of
 from roc_jax.data.reading import ReadResult
 from roc_jax.data.records import Sample, id2rel, load_rel2id
 
@@ -126,14 +127,6 @@ def to_example(sample: Sample, image_size: int) -> dict:
         "img_id": sample.img_id,
         "source": sample.source,
     }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def input_fingerprint(root: Path, files: Sequence[Path], image_dirs: Sequence[Path]
