@@ -144,12 +144,28 @@ def _load_or_exit(workdir: str, checkpoint: str, **kwargs):
     from roc_jax import checkpoint as ckpt
     from roc_jax import inference
 
+    previous = sys.unraisablehook
+    sys.unraisablehook = _without_closed_loop_noise(previous)
     try:
-        return inference.load(workdir, checkpoint=checkpoint, **kwargs)
+        loaded = inference.load(workdir, checkpoint=checkpoint, **kwargs)
     except ckpt.UnreadableCheckpoint as e:
         sys.exit(f"error: {e}; choose one with --checkpoint N")
     except ckpt.CheckpointError as e:
         sys.exit(f"error: {e}")
+    sys.unraisablehook = previous
+    return loaded
+
+
+def _without_closed_loop_noise(hook):
+    """``hook`` less one message: when tensorstore fails to read a damaged checkpoint, orbax
+    closes its asyncio loop while reads are still completing, and each late completion reaches
+    ``sys.unraisablehook`` as ``RuntimeError('Event loop is closed')``, which Python would print
+    with a traceback around the one-line error. Every other unraisable error goes to ``hook``."""
+    def filtered(unraisable):
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            hook(unraisable)
+    return filtered
 
 
 def _eval(argv: list[str]) -> None:
