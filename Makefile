@@ -6,15 +6,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ROC_DATA_DIR ?= data/mnre
 CONFIG ?= configs/mnre.py:offline
-# BUDGET=short (the default): 2 epochs at encoder learning rate 5e-5, about 25 to 30 minutes on a
+# BUDGET=short (the default): 1 epoch at encoder learning rate 5e-5, about 20 minutes on a
 # 2-core CPU with configs/mnre.py:offline. BUDGET=full: the config's own schedule (20 epochs).
 BUDGET ?= short
 WORKDIR ?= workdirs/mnre_offline_$(BUDGET)
-BUDGET_FLAGS_short := --config.num_epochs=2 --config.train.lr_encoder=5e-5
+BUDGET_FLAGS_short := --config.num_epochs=1 --config.train.lr_encoder=5e-5
 BUDGET_FLAGS_full :=
-BUDGET_NOTE_short := 2 epochs (764 steps of 32 on MNRE-2), encoder learning rate 5e-5. For \
-  configs/mnre.py:offline about 25-30 min on a 2-core CPU (plus the one-off dataset build of a \
-  first run), val micro-F1 about 56 (benchmarks/results/mnre_quality.json, budget e2). The \
+BUDGET_NOTE_short := 1 epoch (382 steps of 32 on MNRE-2), encoder learning rate 5e-5. For \
+  configs/mnre.py:offline about 20 min on a 2-core CPU (plus the one-off dataset build of a \
+  first run), val micro-F1 about 52 (benchmarks/results/mnre_quality.json, budget e1). The \
   config's full schedule: make train BUDGET=full
 BUDGET_NOTE_full := the config's own schedule (configs/mnre.py: 20 epochs, 7,640 steps of 32). \
   For configs/mnre.py:offline about 6.5 h on a 2-core CPU; use a GPU or TPU.
