@@ -463,7 +463,7 @@ def prebuild_tfds(args: argparse.Namespace, sets: dict[str, Any]) -> None:
     sys.path.insert(0, str(ROOT))
     os.environ["ROC_DATA_DIR"] = args.data_dir
     from configs.mnre import get_config
-    from roc_jax import train_lib
+    from roc_jax.data import sources
 
     config = get_config("offline")
     config.data.tfds_dir = args.tfds_dir
@@ -472,7 +472,7 @@ def prebuild_tfds(args: argparse.Namespace, sets: dict[str, Any]) -> None:
             field = key.split(".", 1)[1]
             current = config.data[field]
             config.data[field] = value if isinstance(current, str) else ast.literal_eval(value)
-    train_lib.load_sources(config, ("train", "val"))
+    sources.load_sources(config, ("train", "val"))
 
 
 def merge_results(other: Path, path: Path = RESULTS) -> list[dict[str, Any]]:

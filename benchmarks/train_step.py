@@ -227,10 +227,9 @@ def profile(image_size: int, out_txt: Path, steps: int = 2) -> dict[str, Any]:
     model = build_roc(image=bool(image_size))[0]
     batch = benchlib.synthetic_batch(BATCH, LENGTH, image_size=image_size)
     step, js = benchlib.jax_train_step(model, batch, RELATIONS, jax.devices()[:1])
-    cells = dict(zip(js["trainer"].train_step.__code__.co_freevars,
-                     (c.cell_contents for c in js["trainer"].train_step.__closure__), strict=True))
+    trainer = js["trainer"]
     jax.block_until_ready(step())  # compile
-    hlo = cells["jit_train"].lower(js["state"], cells["rest"], js["batch"], js["rel"]).compile()
+    hlo = trainer.jit_train.lower(js["state"], js["batch"], js["rel"], trainer.rest).compile()
     names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"',
                             hlo.as_text(), flags=re.M))
     tmp = Path(tempfile.mkdtemp(prefix="roc_prof_"))

@@ -1,13 +1,21 @@
 """Orbax checkpoints: one ``CheckpointManager`` per workdir, one Composite per saved step.
 
-Items of a step (docs/architecture.md, "Checkpoint Composite"):
+Items of a step (docs/architecture.md, "Checkpoint Composite"), one folder each:
 
-- ``state``: the train state pytree ``{'params', 'opt_state', 'step', 'rng'}`` (StandardSave);
+- ``params``: the model's parameters (StandardSave);
+- ``opt_state``: the optimizer's state (AdamW moments and counts: twice the parameters' size);
+- ``progress``: ``{'step', 'rng'}``, the step counter and the dropout seed key;
 - ``labels``: the description cache (``roc_jax.labels.cache.save_args``), so eval and predict
   never re-encode the descriptions;
 - ``data``: the input iterator's state (JSON), so a resumed run sees the same batches;
 - ``meta``: config, label names, library versions, ``FORMAT_VERSION``, the raw data's
-  fingerprint (``data_fingerprint``) and the state's checksums (``state_checksums``) (JSON).
+  fingerprint (``data_fingerprint``) and the checksums of every leaf of the three state items
+  (``state_checksums``) (JSON).
+
+Resuming training reads them all; evaluation and prediction read ``meta``, ``labels`` and
+``params`` only, so a step whose ``opt_state`` was deleted still evaluates. Checkpoints of format
+1 hold the train state ``{'params', 'opt_state', 'step', 'rng'}`` as one item, ``state``: they
+still evaluate (the parameters are read from it) and resume.
 
 Retention: the latest step (to resume) and the best step by dev micro-F1 (to evaluate). Orbax
 writes each step to a temporary folder and renames it when complete, so a kill mid-save never
@@ -36,9 +44,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocpm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BEST_METRIC = "dev/f1"
-ITEMS = ("state", "labels", "data", "meta")
+# The train state's keys -> the item that holds them (format 2).
+STATE_ITEMS = {"params": "params", "opt_state": "opt_state", "step": "progress",
+               "rng": "progress"}
+ITEMS = ("params", "opt_state", "progress", "labels", "data", "meta")
+OLD_STATE_ITEM = "state"  # format 1: the whole train state in one item
 
 # Config sections whose values must match for a checkpoint to be resumed or evaluated: the
 # model's architecture and the label set. Everything else (epochs, max_steps, logging) may change
@@ -193,16 +205,35 @@ def save(manager: ocp.CheckpointManager, step: int, *, state: Any, labels_args: 
          force: bool = False) -> bool:
     """Saves one step (asynchronously: call ``manager.wait_until_finished()`` before exit).
 
-    ``labels_args`` is ``roc_jax.labels.cache.save_args(cache)``; ``metrics`` (with ``dev/f1``)
-    rank the step for best-checkpoint retention; steps without metrics are kept only as latest.
+    ``state`` is the train state ``{'params', 'opt_state', 'step', 'rng'}``, written as the items
+    ``params``, ``opt_state`` and ``progress``. ``labels_args`` is
+    ``roc_jax.labels.cache.save_args(cache)``; ``metrics`` (with ``dev/f1``) rank the step for
+    best-checkpoint retention; steps without metrics are kept only as latest.
     """
+    if set(state) != set(STATE_ITEMS):
+        raise ValueError(f"a train state has the keys {sorted(STATE_ITEMS)}, got {sorted(state)}")
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        **{item: ocp.args.StandardSave(part) for item, part in _by_item(state).items()},
         labels=labels_args,
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave({**meta, "state_checksums": state_checksums(state)}),
     )
     return manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=force)
+
+
+def _by_item(state: Mapping[str, Any]) -> dict[str, dict[str, Any] | Any]:
+    """``{'params': params, 'opt_state': opt_state, 'progress': {'step', 'rng'}}`` of the keys of
+    ``state`` (a full train state, or a part of one)."""
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key not in STATE_ITEMS:
+            raise ValueError(f"unknown train state key {key!r} (expected {sorted(STATE_ITEMS)})")
+        item = STATE_ITEMS[key]
+        if item == key:
+            out[item] = value
+        else:
+            out.setdefault(item, {})[key] = value
+    return out
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -234,15 +265,17 @@ def select_step(manager: ocp.CheckpointManager, which: str | int = "best") -> in
     return step
 
 
-def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any,
-            labels_restore_args: Any, with_data: bool = True, with_optimizer: bool = True
-            ) -> dict[str, Any]:
-    """Restores ``state`` (onto ``abstract_state``'s shapes and shardings), labels, data, meta.
+def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Mapping[str, Any],
+            labels_restore_args: Any, with_data: bool = True) -> dict[str, Any]:
+    """Restores the keys of ``abstract_state`` (onto its shapes and shardings), labels, meta and,
+    with ``with_data``, the input iterator's state.
 
-    ``with_optimizer=False`` reads only ``params``, ``step`` and ``rng`` of the state (what
-    evaluation and prediction need; the optimizer's moments are twice the parameters' size) and
-    returns the state without ``opt_state``. Raises ``UnreadableCheckpoint`` naming the step, the
-    item folder and the reason when an item's files cannot be read.
+    ``abstract_state`` holds any of the train state's keys: all four to resume training,
+    ``{'params'}`` to evaluate or predict (then no other state item is read, and a step without
+    ``opt_state`` restores). Returns ``{'state', 'labels', 'meta'[, 'data']}``. Raises
+    ``CheckpointError`` when an item the restore needs is not there (one line: which, and what
+    still works), ``UnreadableCheckpoint`` naming the step, the item folder and the reason when
+    an item's files cannot be read or do not match their checksums.
     """
     items = {"meta": ocp.args.JsonRestore(), "labels": labels_restore_args}
     if with_data:
@@ -252,29 +285,57 @@ def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any,
         out[name] = _restore_item(manager, step, name,
                                   lambda n=name, a=args: manager.restore(
                                       step, args=ocp.args.Composite(**{n: a}))[n])
-    if with_optimizer:
-        out["state"] = _restore_item(manager, step, "state", lambda: manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )["state"])
+    folder = Path(str(manager.directory)) / str(step)
+    if int(out["meta"].get("format_version", 1)) < 2:
+        out["state"] = _restore_item(manager, step, OLD_STATE_ITEM,
+                                     lambda: _restore_old_state(folder, abstract_state))
     else:
-        wanted = {k: v for k, v in abstract_state.items() if k != "opt_state"}
-        path = Path(str(manager.directory)) / str(step) / "state"
-        out["state"] = _restore_item(manager, step, "state", lambda: ocp.PyTreeCheckpointer(
-        ).restore(path, args=ocp.args.PyTreeRestore(
-            item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
-            partial_restore=True)))
-    _verify(manager, step, out["state"], out["meta"].get("state_checksums"))
+        wanted = _by_item(abstract_state)
+        missing = [item for item in wanted if not (folder / item).is_dir()]
+        if missing:
+            raise CheckpointError(_missing_message(folder, step, missing))
+        state: dict[str, Any] = {}
+        for item, target in wanted.items():
+            part = _restore_item(manager, step, item, lambda i=item, t=target: manager.restore(
+                step, args=ocp.args.Composite(**{i: ocp.args.StandardRestore(t)}))[i])
+            if item in STATE_ITEMS:  # params, opt_state
+                state[item] = part
+            else:  # progress: step and rng
+                state.update(part)
+        out["state"] = state
+    _verify(manager, step, out["state"], out["meta"].get("state_checksums"),
+            old_layout=int(out["meta"].get("format_version", 1)) < 2)
     return out
 
 
+def _restore_old_state(folder: Path, abstract_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of ``abstract_state`` from a format-1 step's ``state`` item."""
+    wanted = dict(abstract_state)
+    return ocp.PyTreeCheckpointer().restore(folder / OLD_STATE_ITEM, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+        partial_restore=True))
+
+
+def _missing_message(folder: Path, step: int, missing: Sequence[str]) -> str:
+    if missing == ["opt_state"]:
+        return (f"checkpoint step {step} has no optimizer state ({folder}/opt_state is missing): "
+                "it evaluates (eval.py, predict.py) but cannot resume training; train in a new "
+                "--workdir, or from another step")
+    return (f"checkpoint step {step} lacks the items {missing} (no folders {folder}/"
+            f"{{{','.join(missing)}}}); it was written by another program or the folders were "
+            "deleted")
+
+
 def _verify(manager: ocp.CheckpointManager, step: int, state: Any,
-            recorded: Mapping[str, Sequence[int]] | None) -> None:
+            recorded: Mapping[str, Sequence[int]] | None, old_layout: bool) -> None:
     if recorded is None:  # written before checksums were recorded
         return
     for path, sums in state_checksums(state).items():
         if path in recorded and list(recorded[path]) != sums:
+            key = path.split("]", 1)[0].strip("['")
+            item = OLD_STATE_ITEM if old_layout else STATE_ITEMS.get(key, key)
             raise UnreadableCheckpoint(
-                f"checkpoint step {step} cannot be read: {manager.directory}/{step}/state (the "
+                f"checkpoint step {step} cannot be read: {manager.directory}/{step}/{item} (the "
                 f"data of {path} differs from the checksum recorded when it was saved: the files "
                 f"are damaged); saved steps: {sorted(manager.all_steps())}", step)
 

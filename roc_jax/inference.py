@@ -7,7 +7,8 @@
       'description': 'The head entity is engaged or married to the tail entity.'}, ...]
 
 Everything comes from the checkpoint: the config and label set (``meta``), the parameters
-(``state``) and the description-embedding cache (``labels``: never re-encoded here). The encoders'
+(``params``) and the description-embedding cache (``labels``: never re-encoded here); no
+optimizer is built and its state is not read. The encoders'
 pretrained weights are loaded only to rebuild the model structure and the tokenizer.
 """
 
@@ -122,25 +123,27 @@ def load(workdir: str | Path, *, checkpoint: str | int = "best", data_dir: str |
     n = mesh.devices.size
     config.train.batch_size = n * max(1, config.train.batch_size // n)
     config.train.eval_batch_size = n * max(1, -(-config.train.eval_batch_size // n))
-    # Only the parameters are read: the optimizer's moments are of no use here.
+    # No optimizer is built and only the parameters are read: the optimizer's state (twice
+    # the parameters' size) is of no use here.
     exp = train_lib.setup(config, workdir, mesh=mesh, restore=step,
-                          label_names=meta["label_names"],
-                          total_steps=int(meta.get("total_steps", 1)), with_optimizer=False)
+                          label_names=meta["label_names"], with_optimizer=False)
     return Loaded(config, list(meta["label_names"]), step, exp, meta)
 
 
 def evaluate_split(loaded: Loaded, split: str, *, data_dir: str | None = None,
                    batch_size: int | None = None) -> dict[str, Any]:
-    from roc_jax.data import pipeline
+    """Metrics of ``split`` (``metrics.evaluate``'s dict) read from the raw data folder; raises
+    ``CheckpointError`` when that folder's label set is not the checkpoint's."""
+    from roc_jax.data import pipeline, sources
 
     config = loaded.config
     if data_dir is not None:
         config.data.raw_dir = str(data_dir)
-    if train_lib.label_names_of(config) != loaded.label_names:
+    if sources.label_names_of(config) != loaded.label_names:
         raise ckpt.CheckpointError(
             f"{config.data.raw_dir}: its label file differs from the checkpoint's label set "
             f"({len(loaded.label_names)} relations)")
-    source = train_lib.load_sources(config, [split])[split]
+    source = sources.load_sources(config, [split])[split]
     bs = batch_size or config.train.eval_batch_size
     batches = pipeline.make_eval_batches(source, loaded.tokenizer, loaded.exp.pipeline_cfg, bs)
     return train_lib.evaluate(loaded.exp.trainer, loaded.params, batches, loaded.exp.relations,

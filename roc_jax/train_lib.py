@@ -1,12 +1,15 @@
 """Training and evaluation: one jit-compiled, donated, data-parallel step; orbax checkpoints.
 
 The model is handled in the functional NNX style: ``nnx.split`` once into a graph definition, the
-float32 parameters and the rest (dropout RNG streams); the jitted step ``nnx.merge``s them, reseeds
-dropout from ``fold_in(rng, step)`` (so a resumed run draws the same masks as an uninterrupted
-one), and returns new parameters and optimizer state. The train state is a plain pytree
-``{'params', 'opt_state', 'step', 'rng'}`` that orbax saves as is. Batches are global arrays
-sharded on the mesh's 'data' axis and parameters are replicated, so XLA inserts the gradient
-all-reduce; there is no pmap.
+float32 parameters and the rest (dropout RNG streams). ``train_step(state, batch, ...)`` and
+``eval_step(params, batch, ...)`` are plain functions, jitted once per model structure and mesh
+(``make_trainer``); the train step ``nnx.merge``s the pieces, reseeds dropout from
+``fold_in(rng, step)`` (so a resumed run draws the same masks as an uninterrupted one), and
+returns new parameters and optimizer state. The train state is a plain pytree
+``{'params', 'opt_state', 'step', 'rng'}`` (``roc_jax.checkpoint`` saves it as separate items).
+Batches are global arrays sharded on the mesh's 'data' axis and parameters are replicated, so XLA
+inserts the gradient all-reduce; there is no pmap. The data sources come from
+``roc_jax.data.sources``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flax import nnx
 
 from roc_jax import host_memory, parallel
 from roc_jax import metrics as metrics_lib
+from roc_jax.data import sources as sources_lib
 from roc_jax.data import subsets
 from roc_jax.losses import masked_xent
 from roc_jax.models.roc import ROC, is_pretrained_path
@@ -108,22 +112,71 @@ def make_optimizer(spec: OptSpec) -> tuple[optax.GradientTransformation, dict[st
 # state and compiled steps
 
 
+def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[str, jax.Array],
+               rest: Any, *, graphdef: Any, tx: optax.GradientTransformation
+               ) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer step on a global ``batch`` (docs/architecture.md, "Batch", ``[B, ...]``).
+
+    ``state`` is ``{'params', 'opt_state', 'step' int32[], 'rng' uint32[2]}``; ``relations`` the
+    replicated ``{'embeddings' [R, K, Dd], 'mask' [R, K]}`` description input; ``rest`` the
+    model's non-parameter state (dropout RNG streams) and ``graphdef`` its train-mode structure.
+    Returns the new state and ``{'loss', 'accuracy', 'grad_norm', 'param_norm'}`` (scalars).
+    """
+    # Dropout keys depend on (seed, step) only: resumed runs draw the same masks.
+    seeded = nnx.merge(graphdef, state["params"], rest, copy=True)
+    nnx.reseed(seeded, dropout=jax.random.fold_in(state["rng"], state["step"]))
+    _, _, step_rest = nnx.split(seeded, nnx.Param, ...)
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, step_rest, copy=True)
+        logits, _ = model(batch, relations)
+        return masked_xent(logits, batch["label"], batch["mask"])
+
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params)}
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: Mapping[str, jax.Array], relations: Mapping[str, jax.Array],
+              rest: Any, *, graphdef: Any) -> dict[str, jax.Array]:
+    """Predictions of the eval-mode model (``graphdef``) on a global ``batch``: ``{'pred' int32
+    [B], 'logits' float32 [B, R]}``."""
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    logits, _ = model(batch, relations)
+    return {"pred": jnp.argmax(logits, -1).astype(jnp.int32), "logits": logits}
+
+
 @dataclasses.dataclass
 class Trainer:
-    """The compiled train / eval steps of one model on one mesh.
+    """One model's jitted ``train_step`` / ``eval_step`` on one mesh, with the pieces they need.
 
-    ``state`` pytrees go in and out of ``train_step`` (donated). ``relations`` is the replicated
-    ``{'embeddings' [R, K, Dd], 'mask' [R, K]}`` description input of the model.
+    ``train_step(state, batch, relations)`` donates ``state``; ``eval_step(params, batch,
+    relations)``. A trainer built for evaluation only (``make_evaluator``) has no optimizer:
+    ``tx`` is None and ``train_step`` raises.
     """
 
     graphdef_train: Any
     graphdef_eval: Any
     rest: Any
-    tx: optax.GradientTransformation
-    schedules: dict[str, optax.Schedule]
     mesh: jax.sharding.Mesh
-    train_step: Callable[..., tuple[State, dict[str, jax.Array]]]
-    eval_step: Callable[..., dict[str, jax.Array]]
+    tx: optax.GradientTransformation | None
+    schedules: dict[str, optax.Schedule]
+    jit_train: Callable[..., tuple[State, dict[str, jax.Array]]] | None
+    jit_eval: Callable[..., dict[str, jax.Array]]
+
+    def train_step(self, state: State, batch: Mapping[str, jax.Array],
+                   relations: Mapping[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
+        if self.jit_train is None:
+            raise RuntimeError("this Trainer was built for evaluation only (no optimizer)")
+        return self.jit_train(state, batch, relations, self.rest)
+
+    def eval_step(self, params: Any, batch: Mapping[str, jax.Array],
+                  relations: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return self.jit_eval(params, batch, relations, self.rest)
 
     def abstract_state(self, state_like: State) -> State:
         """Shapes, dtypes and (replicated) shardings of a state: the orbax restore target."""
@@ -147,56 +200,34 @@ def split_model(model: ROC) -> tuple[Any, Any, Any, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_steps(gdef_train: Any, gdef_eval: Any, spec: OptSpec,
-                    mesh: jax.sharding.Mesh) -> tuple[Callable, Callable, Any, dict]:
-    """The jitted train and eval steps of a model structure, optimizer spec and mesh.
+def _jit_eval(gdef_eval: Any, mesh: jax.sharding.Mesh) -> Callable[..., dict[str, jax.Array]]:
+    """``eval_step`` jitted for a model structure and mesh. Cached (as ``_jit_train``), so that a
+    second run in the same process (a resumed run, a notebook re-run, the tests) reuses the
+    compiled executables instead of compiling again."""
+    return jax.jit(functools.partial(eval_step, graphdef=gdef_eval),
+                   out_shardings=parallel.replicated(mesh))
 
-    Cached, so that a second run in the same process (a resumed run, a notebook re-run, the
-    tests) reuses the compiled executables instead of compiling again.
-    """
+
+@functools.lru_cache(maxsize=8)
+def _jit_train(gdef_train: Any, spec: OptSpec, mesh: jax.sharding.Mesh
+               ) -> tuple[Callable[..., tuple[State, dict[str, jax.Array]]],
+                          optax.GradientTransformation, dict[str, optax.Schedule]]:
+    """``train_step`` jitted for a model structure, optimizer spec and mesh; its optimizer."""
     tx, schedules = make_optimizer(spec)
     rep = parallel.replicated(mesh)
-
-    def train_step(state: State, rest: Any, batch: Mapping[str, jax.Array],
-                   relations: Mapping[str, jax.Array]) -> tuple[State, dict[str, jax.Array]]:
-        # Dropout keys depend on (seed, step) only: resumed runs draw the same masks.
-        seeded = nnx.merge(gdef_train, state["params"], rest, copy=True)
-        nnx.reseed(seeded, dropout=jax.random.fold_in(state["rng"], state["step"]))
-        _, _, step_rest = nnx.split(seeded, nnx.Param, ...)
-
-        def loss_fn(params):
-            model = nnx.merge(gdef_train, params, step_rest, copy=True)
-            logits, _ = model(batch, relations)
-            return masked_xent(logits, batch["label"], batch["mask"])
-
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = {**state, "params": params, "opt_state": opt_state,
-                     "step": state["step"] + 1}
-        out = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params)}
-        return new_state, out
-
-    def eval_step(params: Any, rest: Any, batch: Mapping[str, jax.Array],
-                  relations: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        model = nnx.merge(gdef_eval, params, rest, copy=True)
-        logits, _ = model(batch, relations)
-        return {"pred": jnp.argmax(logits, -1).astype(jnp.int32), "logits": logits}
-
     # The state stays replicated; donating it lets XLA update parameters and moments in place.
-    jit_train = jax.jit(train_step, donate_argnums=(0,), out_shardings=(rep, rep))
-    jit_eval = jax.jit(eval_step, out_shardings=rep)
-    return jit_train, jit_eval, tx, schedules
+    jitted = jax.jit(functools.partial(train_step, graphdef=gdef_train, tx=tx),
+                     donate_argnums=(0,), out_shardings=(rep, rep))
+    return jitted, tx, schedules
 
 
 def make_trainer(model: ROC, train_cfg: Any, total_steps: int, mesh: jax.sharding.Mesh,
                  seed: int = 0) -> tuple[Trainer, State]:
-    """Splits ``model``, builds the optimizer and the compiled steps; returns the initial state
-    (replicated on ``mesh``)."""
+    """Splits ``model``, builds the optimizer and the jitted steps; returns the initial state
+    ``{'params', 'opt_state', 'step', 'rng'}`` (replicated on ``mesh``)."""
     gdef_train, gdef_eval, params, rest = split_model(model)
-    spec = OptSpec.from_config(train_cfg, total_steps)
-    jit_train, jit_eval, tx, schedules = _compiled_steps(gdef_train, gdef_eval, spec, mesh)
+    jit_train, tx, schedules = _jit_train(gdef_train, OptSpec.from_config(train_cfg, total_steps),
+                                          mesh)
     state = {
         "params": params,
         "opt_state": tx.init(params),
@@ -207,10 +238,18 @@ def make_trainer(model: ROC, train_cfg: Any, total_steps: int, mesh: jax.shardin
     # model's own arrays), placed on every process's devices.
     state = parallel.replicate(state, mesh)
     rest = parallel.replicate(rest, mesh)
-    trainer = Trainer(gdef_train, gdef_eval, rest, tx, schedules, mesh,
-                      train_step=lambda s, b, r: jit_train(s, rest, b, r),
-                      eval_step=lambda p, b, r: jit_eval(p, rest, b, r))
+    trainer = Trainer(gdef_train, gdef_eval, rest, mesh, tx, schedules, jit_train,
+                      _jit_eval(gdef_eval, mesh))
     return trainer, state
+
+
+def make_evaluator(model: ROC, mesh: jax.sharding.Mesh) -> tuple[Trainer, State]:
+    """``make_trainer`` without an optimizer (evaluation, prediction): the trainer has only its
+    ``eval_step``, and the state is ``{'params'}`` (replicated on ``mesh``)."""
+    gdef_train, gdef_eval, params, rest = split_model(model)
+    trainer = Trainer(gdef_train, gdef_eval, parallel.replicate(rest, mesh), mesh, None, {}, None,
+                      _jit_eval(gdef_eval, mesh))
+    return trainer, parallel.replicate({"params": params}, mesh)
 
 
 def check_finite(history: Sequence[Mapping[str, np.ndarray]], first_step: int) -> None:
@@ -313,112 +352,7 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------
-# data and descriptions
-
-
-_TFDS_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test",
-                "valid": "validation"}
-
-
-def label_names_of(config: Any) -> list[str]:
-    """The relation names, ordered by id, from the raw folder's label file."""
-    from roc_jax.data.records import id2rel, load_rel2id
-
-    return id2rel(load_rel2id(Path(_raw_dir(config)) / _label_file(config)))
-
-
-def _label_file(config: Any) -> str:
-    return "ours_rel2id.json" if config.data.dataset == "mnre" else "rel2id.json"
-
-
-def _raw_dir(config: Any) -> Path:
-    raw = config.data.raw_dir
-    if not raw:
-        raise FileNotFoundError("config.data.raw_dir is empty: set --config.data.raw_dir=/path/to/"
-                                f"{config.data.dataset} (the folder of the raw data files)")
-    path = Path(raw).expanduser()
-    if not (path / _label_file(config)).exists():
-        raise FileNotFoundError(f"config.data.raw_dir={raw}: {_label_file(config)} not found "
-                                "there; is it the raw data folder?")
-    return path
-
-
-def load_sources(config: Any, splits: Sequence[str]) -> dict[str, Any]:
-    """Random-access sources of TFDS example dicts for ``splits``.
-
-    ``config.data.source='tfds'`` builds the TFDS dataset once into ``config.data.tfds_dir``
-    (independent of the workdir) and reads it with ``tfds.data_source``; ``'raw'`` reads the raw
-    files through the readers (tests, quick runs). Both type the entities the same way.
-    """
-    raw = _raw_dir(config)
-    if config.data.source == "tfds":
-        return _tfds_sources(config, raw, splits)
-    if config.data.source != "raw":
-        raise ValueError(f"config.data.source={config.data.source!r}: expected 'tfds' or 'raw'")
-    from roc_jax.data import entity_types, pipeline
-    from roc_jax.data.records import load_rel2id
-
-    rel2id = load_rel2id(raw / _label_file(config))
-    typer = entity_types.make_typer(config.data.entity_types)
-    out = {}
-    for split in splits:
-        if config.data.dataset == "mnre":
-            from roc_jax.data import mnre
-
-            result = mnre.read_mnre_split(raw, split, allow_missing_images=True)
-        else:
-            from roc_jax.data import more
-
-            result = more.read_more_split(raw, split)
-        if not result.samples:
-            raise ValueError(f"{raw}: split {split!r} has no usable samples ({result.summary()})")
-        log.info("read %s: %s", split, result.summary())
-        samples = entity_types.type_samples(result.samples, typer)
-        out[split] = pipeline.SampleSource(samples, rel2id, config.data.image_size)
-    return out
-
-
-def _tfds_builder(config: Any) -> tuple[Any, Any]:
-    """The TFDS builder class of ``config.data.dataset`` and the build config of this run."""
-    from roc_jax.data.tfds import builder_lib
-
-    if config.data.dataset == "mnre":
-        from roc_jax.data.tfds.mnre.mnre_dataset_builder import Builder
-    else:
-        from roc_jax.data.tfds.more.more_dataset_builder import Builder
-    bcfg = builder_lib.RocDataConfig(name="unnamed", image_size=config.data.image_size,
-                                     entity_types=config.data.entity_types)
-    return Builder, bcfg
-
-
-def data_fingerprint(config: Any) -> dict[str, Any]:
-    """``builder_lib.input_fingerprint`` of the raw folder: what the data of a run was made of
-    (stored in the checkpoints' ``meta``; the TFDS build is keyed by it)."""
-    builder_cls, bcfg = _tfds_builder(config)
-    return builder_cls.raw_fingerprint(_raw_dir(config), bcfg)
-
-
-def _tfds_sources(config: Any, raw: Path, splits: Sequence[str]) -> dict[str, Any]:
-    from roc_jax.data.tfds import builder_lib
-
-    builder_cls, bcfg = _tfds_builder(config)
-    # Named by the raw files' fingerprint: other input (another subset, images added later)
-    # builds anew next to the old build instead of reusing it.
-    fingerprint = builder_cls.raw_fingerprint(raw, bcfg)["sha256"][:12]
-    name = f"{config.data.dataset}_s{config.data.image_size}_{config.data.entity_types}_" \
-        f"{fingerprint}"
-    bcfg = dataclasses.replace(bcfg, name=name, description=f"roc_jax build of {raw}")
-    tfds_dir = Path(config.data.tfds_dir or "~/tensorflow_datasets").expanduser()
-    # The hosts of a multi-process run may share tfds_dir: process 0 builds, the others reuse.
-    builder = parallel.main_process_first(
-        f"tfds build {name}", lambda: builder_lib.build(builder_cls, raw, tfds_dir, bcfg))
-    out = {}
-    for split in splits:
-        tsplit = _TFDS_SPLITS.get(split, split)
-        if tsplit not in builder.info.splits:
-            raise FileNotFoundError(f"{raw}: split {split!r} was not built (no file for it)")
-        out[split] = builder.as_data_source(split=tsplit)
-    return out
+# pipeline config and descriptions
 
 
 def pipeline_config(config: Any, image_spec: Any) -> Any:
@@ -522,8 +456,9 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
     ``label_names`` defaults to the raw folder's label file; restoring checks that they match.
     With ``'latest'``, a step that cannot be read is moved to ``unreadable_checkpoints/`` and the
     next older one is restored, with one warning; other choices raise
-    ``checkpoint.UnreadableCheckpoint``. ``with_optimizer=False`` (evaluation, prediction) does
-    not read the optimizer's moments: ``state['opt_state']`` stays freshly initialized.
+    ``checkpoint.UnreadableCheckpoint``. ``with_optimizer=False`` (evaluation, prediction)
+    builds no optimizer and reads only the parameters (``make_evaluator``): ``state`` is
+    ``{'params'}`` and the trainer has no ``train_step``.
     """
     mesh = mesh or parallel.make_mesh()
     _check_batch_sizes(config, mesh)
@@ -531,7 +466,7 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
     from roc_jax.models.roc import create_model
 
     if label_names is None:
-        label_names = label_names_of(config)
+        label_names = sources_lib.label_names_of(config)
     label_names = list(label_names)
     manager = None
     candidates: list[int] = []
@@ -546,21 +481,24 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
     if built.random_init:
         log.warning("model.random_init=True: RANDOM text/image encoders (tests and smoke runs "
                     "only; the scores mean nothing)")
-    trainer, state = make_trainer(built.model, config.train, total_steps, mesh, seed=config.seed)
+    if with_optimizer:
+        trainer, state = make_trainer(built.model, config.train, total_steps, mesh,
+                                      seed=config.seed)
+    else:
+        trainer, state = make_evaluator(built.model, mesh)
     restored = None
     from roc_jax.labels import cache as cache_lib
 
     try:
         if candidates:
             restored = _restore_newest(manager, candidates, trainer.abstract_state(state),
-                                       config, label_names, with_optimizer)
+                                       config, label_names, with_data=with_optimizer)
     finally:  # also on a failed restore: an open manager's threads outlive the error message
         if manager is not None:
             manager.close()
     if restored is not None:
         step = restored["step"]
-        state = restored["state"] if with_optimizer else \
-            {**restored["state"], "opt_state": state["opt_state"]}
+        state = restored["state"]
         cache = cache_lib.from_restored(restored["labels"])
         if list(cache.names) != label_names:
             raise ckpt.CheckpointError(f"{manager.directory}/{step}: the description cache's "
@@ -575,7 +513,7 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
 
 
 def _restore_newest(manager: Any, candidates: Sequence[int], abstract_state: State, config: Any,
-                    label_names: Sequence[str], with_optimizer: bool) -> dict[str, Any]:
+                    label_names: Sequence[str], with_data: bool) -> dict[str, Any]:
     """Restores the first of ``candidates`` (steps, newest first) that reads; earlier ones that
     do not are set aside with one warning. Raises when none reads, or a checkpoint holds another
     model or label set (that is no damage: the user must choose)."""
@@ -590,7 +528,7 @@ def _restore_newest(manager: Any, candidates: Sequence[int], abstract_state: Sta
                             where=f"{manager.directory}/{step}")
             restored = ckpt.restore(manager, step, abstract_state=abstract_state,
                                     labels_restore_args=cache_lib.restore_args(),
-                                    with_optimizer=with_optimizer)
+                                    with_data=with_data)
         except ckpt.UnreadableCheckpoint as e:
             if len(candidates) == 1:
                 raise
@@ -633,8 +571,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     mesh = mesh or parallel.make_mesh()
     _check_batch_sizes(config, mesh)
     log.info("host memory: %s", host_memory.huge_pages_status())
-    label_names = label_names_of(config)
-    sources = load_sources(config, [config.data.train_split, config.data.eval_split])
+    label_names = sources_lib.label_names_of(config)
+    sources = sources_lib.load_sources(config, [config.data.train_split, config.data.eval_split])
     unseen = subsets.unseen_relation_ids(config.data.unseen_relations, label_names)
     sources[config.data.train_split], kept = subsets.subset_source(
         sources[config.data.train_split], fraction=config.data.train_fraction,
@@ -667,7 +605,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     manager = ckpt.make_manager(workdir)
     meta = ckpt.make_meta(config, label_names, {"steps_per_epoch": steps_per_epoch,
                                                 "total_steps": total,
-                                                "data_fingerprint": data_fingerprint(config)})
+                                                "data_fingerprint": sources_lib.data_fingerprint(config)})
     labels_args = _labels_save_args(exp.cache)
     is_main = jax.process_index() == 0
     writer = writers.create_default_writer(workdir, enabled=is_main)

@@ -51,10 +51,14 @@ def metrics_rows(workdir: Path) -> list[dict]:
 
 
 def read_state(workdir: Path, step: int) -> dict:
-    """A saved train state as host arrays (no model needed)."""
+    """A saved train state ``{'params', 'opt_state', 'step', 'rng'}`` as host arrays, read from
+    the step's items ``params``, ``opt_state`` and ``progress`` (no model needed)."""
     import orbax.checkpoint as ocp
 
-    return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    folder = workdir / "checkpoints" / str(step)
+    read = ocp.PyTreeCheckpointer().restore
+    return {"params": read(folder / "params"), "opt_state": read(folder / "opt_state"),
+            **read(folder / "progress")}
 
 
 def assert_same_state(ref_dir: Path, workdir: Path, step: int) -> None:

@@ -11,6 +11,7 @@ from roc_testutil import REPO, load_config, tiny_config
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import parallel, train_lib
+from roc_jax.data import sources
 from roc_jax.labels import cache as cache_lib
 
 NAMES = ["None", "/per/per/couple", "/per/loc/place_of_residence", "/per/org/member_of",
@@ -156,10 +157,10 @@ def test_data_not_found(tmp_path, monkeypatch):
     config = load_config("tiny", "text")
     config.data.raw_dir = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"raw_dir=.*missing: ours_rel2id.json not found"):
-        train_lib.load_sources(config, ["train"])
+        sources.load_sources(config, ["train"])
     config.data.raw_dir = ""
     with pytest.raises(FileNotFoundError, match="config.data.raw_dir is empty"):
-        train_lib.label_names_of(config)
+        sources.label_names_of(config)
     monkeypatch.delenv("ROC_DATA_DIR", raising=False)
     with pytest.raises(ValueError, match="ROC_DATA_DIR, which is not set"):
         load_config("mnre", "offline")
@@ -171,4 +172,4 @@ def test_data_not_found(tmp_path, monkeypatch):
 def test_missing_split_file(tmp_path, fixture_config):
     (tmp_path / "data" / "mnre_val.txt").unlink()
     with pytest.raises(FileNotFoundError, match="mnre_val.txt"):
-        train_lib.load_sources(fixture_config, ["val"])
+        sources.load_sources(fixture_config, ["val"])

@@ -20,14 +20,14 @@ from roc_testutil import REPO, assert_same_state, read_state, tiny_config
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import inference, train_lib
+from roc_jax.data import sources
 
 
 def corrupt_state(workdir, step, where="header"):
-    """Damages ``step``'s train state: ``'header'`` flips the first 8 bytes of every data chunk
-    (tensorstore fails to decode them: "ZSTD_decompressStream() failed"; every chunk, since which
-    chunk holds the parameters and which the optimizer moments depends on the write), ``'body'``
-    64 bytes in the middle of the largest chunk (which may decode, to other numbers)."""
-    chunks = [p for p in (workdir / "checkpoints" / str(step) / "state").rglob("d/*")
+    """Damages ``step``'s parameters (its ``params`` item): ``'header'`` flips the first 8 bytes
+    of every data chunk (tensorstore fails to decode them: "ZSTD_decompressStream() failed"),
+    ``'body'`` 64 bytes in the middle of the largest chunk (which may decode, to other numbers)."""
+    chunks = [p for p in (workdir / "checkpoints" / str(step) / "params").rglob("d/*")
               if p.is_file()]
     if where == "body":
         chunks = [max(chunks, key=lambda p: p.stat().st_size)]
@@ -61,11 +61,11 @@ def test_corrupted_latest_resumes_from_the_previous_one(trained, corrupted, tmp_
     warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"checkpoint step 3 cannot be read: {workdir}/checkpoints/3/"
-                                  "state (")
-    assert f"{workdir}/checkpoints/3/state (ValueError: " in warnings[0]  # the error, named
+                                  "params (")
+    assert f"{workdir}/checkpoints/3/params (ValueError: " in warnings[0]  # the error, named
     assert warnings[0].endswith(f"resuming from step 2 instead (step 3 moved to "
                                 f"{workdir}/unreadable_checkpoints/3)")
-    assert (workdir / "unreadable_checkpoints" / "3" / "state").is_dir()
+    assert (workdir / "unreadable_checkpoints" / "3" / "params").is_dir()
     assert_same_state(ref_dir, workdir, 4)
 
 
@@ -74,8 +74,8 @@ def test_load_of_a_corrupted_checkpoint_is_one_line(corrupted):
         inference.load(corrupted, checkpoint="latest")
     message = str(info.value)
     assert "\n" not in message and len(message) < 700
-    assert message.startswith(f"checkpoint step 3 cannot be read: {corrupted}/checkpoints/3/state "
-                              "(ValueError: ")
+    assert message.startswith(f"checkpoint step 3 cannot be read: {corrupted}/checkpoints/3/"
+                              "params (ValueError: ")
     assert message.endswith("; saved steps: [2, 3]")
     # Another step still loads, reading the parameters only.
     loaded = inference.load(corrupted, checkpoint=2)
@@ -90,25 +90,35 @@ def test_damage_that_decodes_is_caught_by_the_checksums(corrupted, tmp_path):
     shutil.copytree(corrupted, workdir)
     corrupt_state(workdir, 2, where="body")
     with pytest.raises(ckpt.UnreadableCheckpoint,
-                       match=r"^checkpoint step 2 cannot be read: .*/checkpoints/2/state \(the "
+                       match=r"^checkpoint step 2 cannot be read: .*/checkpoints/2/params \(the "
                              r"data of \['.*'\].* differs from the checksum recorded when it was "
                              r"saved: the files are damaged\); saved steps: \[2, 3\]$"):
         inference.load(workdir, checkpoint=2)
 
 
-def test_params_only_restore_skips_the_optimizer(corrupted):
+def test_params_only_restore_skips_the_optimizer(corrupted, tmp_path):
     from roc_jax import parallel
     from roc_jax.labels import cache as cache_lib
 
-    saved = read_state(corrupted, 2)
+    workdir = tmp_path / "run"
+    shutil.copytree(corrupted, workdir)
+    saved = read_state(workdir, 2)
+    shutil.rmtree(workdir / "checkpoints" / "2" / "opt_state")
     rep = parallel.replicated(parallel.make_mesh())
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rep), saved)
-    manager = ckpt.make_manager(corrupted, read_only=True)
-    got = ckpt.restore(manager, 2, abstract_state=abstract,
-                       labels_restore_args=cache_lib.restore_args(), with_optimizer=False)
-    assert set(got["state"]) == {"params", "step", "rng"}
-    assert int(got["state"]["step"]) == 2
+    manager = ckpt.make_manager(workdir, read_only=True)
+    got = ckpt.restore(manager, 2, abstract_state={"params": abstract["params"]},
+                       labels_restore_args=cache_lib.restore_args(), with_data=False)
+    assert set(got["state"]) == {"params"} and set(got) == {"state", "labels", "meta"}
+    for a, b in zip(jax.tree.leaves(got["state"]), jax.tree.leaves(saved["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"^checkpoint step 2 has no optimizer state \(.*/2/opt_state is "
+                             r"missing\): it evaluates .* but cannot resume training"):
+        ckpt.restore(manager, 2, abstract_state=abstract,
+                     labels_restore_args=cache_lib.restore_args())
 
 
 def test_eval_cli_on_a_corrupted_checkpoint_prints_one_line(corrupted, tmp_path):
@@ -121,7 +131,7 @@ def test_eval_cli_on_a_corrupted_checkpoint_prints_one_line(corrupted, tmp_path)
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: checkpoint step 3 cannot be read: {corrupted}/checkpoints/3/"
-                           "state (")
+                           "params (")
     assert last.endswith("saved steps: [2, 3]; choose one with --checkpoint N")
 
 
@@ -198,5 +208,5 @@ def test_meta_records_the_data_fingerprint(trained):
     workdir, config = trained
     manager = ckpt.make_manager(workdir, read_only=True)
     meta = ckpt.read_meta(manager, manager.latest_step())
-    assert meta["data_fingerprint"] == train_lib.data_fingerprint(config)
+    assert meta["data_fingerprint"] == sources.data_fingerprint(config)
     assert set(meta["data_fingerprint"]["files"]) >= {"mnre_train.txt", "ours_rel2id.json"}

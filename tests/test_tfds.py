@@ -232,17 +232,17 @@ def _subset(full, directory, n_train):
 
 
 def test_build_follows_its_input_and_reuses_identical_input(tmp_path, monkeypatch):
-    from roc_jax import train_lib
+    from roc_jax.data import sources
 
     full = write_mnre_fixture(tmp_path / "full")
     tenth = _subset(full, tmp_path / "tenth", 4)
     tfds_dir = tmp_path / "tfds"
     # 10 % first, then the full folder, into the same tfds_dir: each gets its own build.
-    assert len(train_lib.load_sources(_tfds_config(tenth, tfds_dir), ["train"])["train"]) == 4
-    source = train_lib.load_sources(_tfds_config(full, tfds_dir), ["train"])["train"]
+    assert len(sources.load_sources(_tfds_config(tenth, tfds_dir), ["train"])["train"]) == 4
+    source = sources.load_sources(_tfds_config(full, tfds_dir), ["train"])["train"]
     assert len(source) == 40
     builds = sorted(p.name for p in (tfds_dir / "mnre").glob("mnre_*"))
-    fingerprints = [train_lib.data_fingerprint(_tfds_config(raw, tfds_dir))
+    fingerprints = [sources.data_fingerprint(_tfds_config(raw, tfds_dir))
                     for raw in (tenth, full)]
     assert builds == sorted(f"mnre_s32_none_{f['sha256'][:12]}" for f in fingerprints)
     fingerprint = fingerprints[1]
@@ -254,7 +254,7 @@ def test_build_follows_its_input_and_reuses_identical_input(tmp_path, monkeypatc
         raise AssertionError("rebuilt although the input is the same")
 
     monkeypatch.setattr(MnreBuilder, "_split_generators", no_rebuild)
-    again = train_lib.load_sources(_tfds_config(full, tfds_dir), ["train"])["train"]
+    again = sources.load_sources(_tfds_config(full, tfds_dir), ["train"])["train"]
     assert len(again) == 40
     builder = tfds.builder_from_directory(
         str(tfds_dir / "mnre" / f"mnre_s32_none_{fingerprint['sha256'][:12]}" / "1.0.0"))
@@ -264,15 +264,15 @@ def test_build_follows_its_input_and_reuses_identical_input(tmp_path, monkeypatc
 def test_images_added_later_reach_a_new_build(tmp_path):
     import shutil
 
-    from roc_jax import train_lib
+    from roc_jax.data import sources
 
     raw = write_mnre_fixture(tmp_path / "raw")
     shutil.move(raw / "img_org", tmp_path / "images_later")
     tfds_dir = tmp_path / "tfds"
-    source = train_lib.load_sources(_tfds_config(raw, tfds_dir), ["train"])["train"]
+    source = sources.load_sources(_tfds_config(raw, tfds_dir), ["train"])["train"]
     assert not any(source[i]["has_image"] for i in range(len(source)))
     shutil.move(tmp_path / "images_later", raw / "img_org")
-    source = train_lib.load_sources(_tfds_config(raw, tfds_dir), ["train"])["train"]
+    source = sources.load_sources(_tfds_config(raw, tfds_dir), ["train"])["train"]
     assert sum(bool(source[i]["has_image"]) for i in range(len(source))) == 27
 
 
@@ -295,7 +295,7 @@ def test_named_build_of_other_input_is_one_line_error(tmp_path):
 def test_real_mnre_tenth_then_full(mnre_dir, tmp_path):
     """The real MNRE-2 train file: 10 % of it (1,224 lines) built first, then all 12,247 lines
     into the same tfds_dir (text only: the folders hold no images)."""
-    from roc_jax import train_lib
+    from roc_jax.data import sources
 
     tenth, full = tmp_path / "tenth", tmp_path / "full"
     for folder in (tenth, full):
@@ -309,7 +309,7 @@ def test_real_mnre_tenth_then_full(mnre_dir, tmp_path):
     for folder, expected in ((tenth, 1224), (full, 12247)):
         config = _tfds_config(folder, tfds_dir)
         config.data.image_size = 16
-        assert len(train_lib.load_sources(config, ["train"])["train"]) == expected
+        assert len(sources.load_sources(config, ["train"])["train"]) == expected
 
 
 def test_unreadable_image_keeps_its_sample(tmp_path):

@@ -14,6 +14,7 @@ from roc_testutil import REPO, assert_same_state, metrics_rows, read_state, tiny
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import parallel, train_lib
+from roc_jax.data import sources as sources_lib
 
 
 def _dev_rows(workdir):
@@ -81,9 +82,9 @@ def test_one_and_eight_devices_give_the_same_step(trained):
     from roc_jax.models.roc import create_model
 
     _, config = trained
-    sources = train_lib.load_sources(config, ["train"])
+    sources = sources_lib.load_sources(config, ["train"])
     built = create_model(config.model, use_images=False, num_relations=5)
-    cache = train_lib.build_description_cache(config, built, train_lib.label_names_of(config))
+    cache = train_lib.build_description_cache(config, built, sources_lib.label_names_of(config))
     it = pipeline.make_train_iterator(sources["train"], built.tokenizer,
                                       train_lib.pipeline_config(config, None), seed=0,
                                       batch_size=config.train.batch_size)

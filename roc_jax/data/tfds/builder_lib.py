@@ -10,7 +10,7 @@ as an all-zero image with ``has_image=False``.
 
 A build is keyed by its input: ``input_fingerprint`` (the sha256 of each text and label file and
 a listing of ``img_org/`` with file sizes) is stored in the dataset info's metadata, ``build``
-refuses a folder built from other files, and ``roc_jax.train_lib`` names its builds by it, so
+refuses a folder built from other files, and ``roc_jax.data.sources`` names its builds by it, so
 changed input (more lines, images added) builds anew and identical input reuses the build.
 """
 
