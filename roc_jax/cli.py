@@ -176,11 +176,30 @@ def _eval(argv: list[str]) -> None:
 
     loaded = _load_or_exit(FLAGS.workdir, FLAGS.checkpoint, data_dir=FLAGS.data_dir)
     split = FLAGS.split or loaded.config.data.eval_split
-    result = loaded.evaluate_split(split)
+    out_dir = Path(FLAGS.output_dir or Path(FLAGS.workdir) / "eval")
+    evaluated = None
+    if FLAGS.perturbation or FLAGS.explain or FLAGS.descriptions or FLAGS.descriptions_k:
+        # Per-sample evaluation over the raw files (perturbed, other descriptions, explained).
+        from roc_jax import robustness
+
+        descriptions = robustness.description_set(loaded, FLAGS.descriptions, FLAGS.descriptions_k)
+        evaluated, info = robustness.evaluate_variant(loaded, split, FLAGS.perturbation,
+                                                      seed=FLAGS.perturbation_seed,
+                                                      descriptions=descriptions)
+        result = {**evaluated.metrics, "variant": info}
+        tag = robustness.variant_name(FLAGS.perturbation, FLAGS.perturbation_seed,
+                                      FLAGS.descriptions, FLAGS.descriptions_k)
+        out_dir = out_dir.with_name(f"{out_dir.name}_{tag}") if tag else out_dir
+    else:
+        result = loaded.evaluate_split(split)
     result["step"] = loaded.step
     result["split"] = split
-    out_dir = Path(FLAGS.output_dir or Path(FLAGS.workdir) / "eval")
     paths = inference.write_eval_outputs(result, loaded.label_names, out_dir, split)
+    if FLAGS.explain:
+        from roc_jax import explain
+
+        paths["explain"] = explain.write_jsonl(explain.explain_rows(evaluated),
+                                               out_dir / f"explain_{split}.jsonl")
     print(f"{FLAGS.workdir} step {loaded.step}, split {split}:")
     print(metrics.format_report(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -188,11 +207,22 @@ def _eval(argv: list[str]) -> None:
 
 def eval_main() -> None:
     """``roc-eval`` / ``python eval.py``."""
+    from roc_jax.robustness import PERTURBATIONS  # pure Python: no JAX import yet
+
     _define_common()
     flags.DEFINE_string("split", None, "Split to evaluate (default: the config's eval split).")
     flags.DEFINE_string("checkpoint", "best", "'best' (dev F1), 'latest' or a step number.")
     flags.DEFINE_string("data_dir", None, "Raw data folder (default: the one the run used).")
-    flags.DEFINE_string("output_dir", None, "Where to write the outputs (default WORKDIR/eval).")
+    flags.DEFINE_string("output_dir", None, "Where to write the outputs (default WORKDIR/eval); "
+                        "a perturbed or re-described evaluation adds its name: eval_untyped, ...")
+    flags.DEFINE_enum("perturbation", None, list(PERTURBATIONS), "Evaluate a perturbed copy "
+                      "of the split (roc_jax/robustness.py).")
+    flags.DEFINE_integer("perturbation_seed", 0, "Seed of the seeded perturbations.")
+    flags.DEFINE_bool("explain", False, "Also write explain_<split>.jsonl: per sample the gold "
+                      "and predicted relation, its margin and nearest description.")
+    flags.DEFINE_string("descriptions", None, "Score with this descriptions file instead of the "
+                        "checkpoint's (retrieval head, frozen description tower).")
+    flags.DEFINE_integer("descriptions_k", None, "Keep the first K descriptions of each relation.")
     flags.mark_flags_as_required(["workdir"])
     app.run(_eval)
 
