@@ -313,3 +313,26 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         summary[f"{h}_mean_drop"] = statistics.mean(drops) if drops else None
         summary[f"{h}_seeds"] = sorted({r["seed"] for r in runs if r["head"] == h})
     return {"variants": variants, "summary": summary}
+
+
+def model_variants(loaded: Any, paraphrase: str | Path
+                   ) -> list[tuple[str, str | None, dict[str, list[str]] | None]]:
+    """``(variant, perturbation, descriptions)`` a model is evaluated under by the robustness
+    benchmark: clean, every perturbation and, for the retrieval head, the ``paraphrase``
+    descriptions file and the first description of each relation (``k1``)."""
+    out = [("clean", None, None)] + [(p, p, None) for p in PERTURBATIONS]
+    if loaded.config.model.head == "retrieval":
+        out += [("paraphrase", None, description_set(loaded, paraphrase)),
+                ("k1", None, description_set(loaded, k=1))]
+    return out
+
+
+def run_entry(loaded: Any, workdir: str, name: str, ev: Any, info: Mapping[str, Any],
+              seconds: float) -> dict[str, Any]:
+    """The robustness benchmark's record of one model under one variant (F1 etc. in percent)."""
+    m = ev.metrics
+    return {"workdir": str(workdir), "head": HEADS[loaded.config.model.head],
+            "seed": int(loaded.config.seed), "step": loaded.step, "variant": name, **info,
+            **{k: 100 * m[k] for k in ("f1", "precision", "recall", "accuracy")},
+            "per_relation_f1": {r["relation"]: 100 * r["f1"] for r in m["per_relation"]},
+            "confusion": m["confusion"], "label_names": ev.label_names, "seconds": seconds}

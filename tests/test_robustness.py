@@ -246,3 +246,25 @@ def test_eval_cli_perturbation_and_explain(trained, tmp_path):
     rows = [json.loads(x) for x in (out / "explain_val.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and rows[0]["id"] == "mnre_val.txt:1"
     assert not (tmp_path / "eval").exists()  # the clean eval's folder is left alone
+
+
+def test_summary_drops_per_seed_and_mean_drop_over_shared_perturbations():
+    def run(head, seed, variant, f1):
+        return {"head": head, "seed": seed, "variant": variant, "f1": f1}
+
+    runs = [run("roc", 0, "clean", 60.0), run("roc", 1, "clean", 62.0),
+            run("roc", 0, "untyped", 55.0), run("roc", 1, "untyped", 59.0),
+            run("roc", 0, "paraphrase", 50.0),
+            run("cls", 0, "clean", 58.0), run("cls", 0, "untyped", 57.0),
+            run("cls", 0, "no_images", 50.0)]
+    out = robustness.summarize(runs)
+    untyped = out["variants"]["untyped"]["roc"]
+    assert untyped["drop_per_seed"] == {"0": 5.0, "1": 3.0}
+    assert untyped["drop_mean"] == pytest.approx(4.0)
+    assert untyped["drop_std"] == pytest.approx(2 ** 0.5)
+    assert untyped["f1_mean"] == pytest.approx(57.0) and untyped["seeds"] == 2
+    s = out["summary"]
+    # no_images: classification only; paraphrase: ROC only; neither is shared
+    assert s["shared_perturbations"] == ["untyped"]
+    assert s["roc_mean_drop"] == pytest.approx(4.0) and s["cls_mean_drop"] == pytest.approx(1.0)
+    assert s["roc_seeds"] == [0, 1] and s["cls_seeds"] == [0]
