@@ -268,3 +268,31 @@ def test_summary_drops_per_seed_and_mean_drop_over_shared_perturbations():
     assert s["shared_perturbations"] == ["untyped"]
     assert s["roc_mean_drop"] == pytest.approx(4.0) and s["cls_mean_drop"] == pytest.approx(1.0)
     assert s["roc_seeds"] == [0, 1] and s["cls_seeds"] == [0]
+
+
+def test_figures_write_small_pngs_from_synthetic_results(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("figures", REPO / "tools" / "figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    rng = np.random.default_rng(0)
+    names = ["None", *(f"/per/per/r{i}" for i in range(22))]
+    labels = rng.integers(0, 23, 500)
+    pairs = rng.normal(size=(500, 16)) + np.eye(23, 16)[labels] * 3
+    protos = np.eye(23, 16)
+    xy, proto_xy, ratio = figures.pca_2d(pairs, protos)
+    assert xy.shape == (500, 2) and proto_xy.shape == (23, 2) and 0 < ratio.sum() <= 1
+    rows = [{"relation": n, "f1": 0.5, "support": 3} for n in names]
+    report = robustness.summarize([{"head": h, "seed": 0, "variant": v, "f1": f}
+                                   for h in ("roc", "cls") for v, f in (("clean", 50), ("untyped", 45))])
+    top = [{"relation": n, "probability": 0.3, "description": "The head ... the tail."}
+           for n in names[:3]]
+    paths = [figures.pair_map(pairs, labels, protos, names, tmp_path / "map.png"),
+             figures.per_relation_f1({"ROC": rows, "classification": rows}, tmp_path / "f1.png"),
+             figures.confusion(rng.integers(0, 30, (23, 23)), names, "t", tmp_path / "cm.png"),
+             figures.examples([{"text": "x [[a]] y [[b]]", "gold": names[1], "top": top}] * 5,
+                              tmp_path / "ex.png"),
+             figures.robustness(report, tmp_path / "rob.png")]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000
