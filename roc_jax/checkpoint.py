@@ -286,7 +286,8 @@ def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Mappin
                                   lambda n=name, a=args: manager.restore(
                                       step, args=ocp.args.Composite(**{n: a}))[n])
     folder = Path(str(manager.directory)) / str(step)
-    if int(out["meta"].get("format_version", 1)) < 2:
+    old_layout = int(out["meta"].get("format_version", 1)) < 2
+    if old_layout:
         out["state"] = _restore_item(manager, step, OLD_STATE_ITEM,
                                      lambda: _restore_old_state(folder, abstract_state))
     else:
@@ -303,8 +304,7 @@ def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Mappin
             else:  # progress: step and rng
                 state.update(part)
         out["state"] = state
-    _verify(manager, step, out["state"], out["meta"].get("state_checksums"),
-            old_layout=int(out["meta"].get("format_version", 1)) < 2)
+    _verify(manager, step, out["state"], out["meta"].get("state_checksums"), old_layout)
     return out
 
 
