@@ -2,6 +2,7 @@
 
     python tools/figures.py --roc workdirs/roc_s0 --cls workdirs/cls_s0 \\
         --data_dir ../shared/data/mnre [--robustness benchmarks/results/robustness.json]
+    python tools/figures.py --robustness benchmarks/results/robustness.json   # that one only
 
 Writes to ``--out`` (default ``docs/figures/``):
 
@@ -185,8 +186,8 @@ def robustness(report: dict, path: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--roc", required=True, help="a trained ROC (retrieval head) workdir")
-    p.add_argument("--cls", required=True, help="a classification workdir, same budget")
+    p.add_argument("--roc", help="a trained ROC (retrieval head) workdir")
+    p.add_argument("--cls", help="a classification workdir, same budget (with --roc)")
     p.add_argument("--data_dir", default=None, help="raw MNRE folder (default: the recorded one)")
     p.add_argument("--robustness", type=Path, default=None, help="benchmarks' robustness.json")
     p.add_argument("--examples", default="0,5,17,40,61", help="val sample indices to show")
@@ -195,8 +196,10 @@ def main() -> None:
     import roc_jax
     from roc_jax import robustness as rob
 
+    if (args.roc is None) != (args.cls is None) or (args.roc is None and not args.robustness):
+        p.error("give --roc and --cls (the model figures), --robustness, or all three")
     reports, written = {}, []
-    for head, workdir in (("ROC", args.roc), ("classification", args.cls)):
+    for head, workdir in (("ROC", args.roc), ("classification", args.cls))[:2 * bool(args.roc)]:
         loaded = roc_jax.load(workdir, data_dir=args.data_dir)
         samples = rob.read_split(loaded.config, "val")
         ev, _ = rob.evaluate_variant(loaded, "val", samples=samples)
@@ -222,7 +225,8 @@ def main() -> None:
                 items.append({"text": f"{s.source}: " + " ".join(marked), "gold": s.relation,
                               "top": top})
             written.append(examples(items, args.out / "examples.png"))
-    written.append(per_relation_f1(reports, args.out / "per_relation_f1.png"))
+    if reports:
+        written.append(per_relation_f1(reports, args.out / "per_relation_f1.png"))
     if args.robustness is not None:
         written.append(robustness(json.loads(args.robustness.read_text()),
                                   args.out / "robustness.png"))
