@@ -43,9 +43,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def _colours(n: int) -> list:
-    cmap = plt.get_cmap("tab20")
-    extra = plt.get_cmap("Dark2")
-    return [cmap(i) if i < 20 else extra(i - 20) for i in range(n)]
+    # tab20 without its two greys (grey is None's colour), then Dark2.
+    palette = [plt.get_cmap("tab20")(i) for i in range(20) if i not in (14, 15)]
+    return (palette + [plt.get_cmap("Dark2")(i) for i in range(8)])[:n]
 
 
 def pca_2d(x: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -167,18 +167,20 @@ def robustness(report: dict, path: Path) -> Path:
     width = 0.8 / len(heads)
     for i, h in enumerate(heads):
         rows = [report["variants"][v].get(h, {}) for v in variants]
+        stds = [r.get("drop_std") for r in rows]
         ax.bar(x + i * width, [r.get("drop_mean") or 0 for r in rows], width,
-               yerr=[r.get("drop_std") or 0 for r in rows], capsize=3,
-               label={"roc": "ROC (retrieval)", "cls": "classification"}[h])
+               yerr=[s or 0 for s in stds] if any(s is not None for s in stds) else None,
+               capsize=3, label={"roc": "ROC (retrieval)", "cls": "classification"}[h])
         for xi, r in zip(x, rows, strict=True):
             if not r:
-                ax.text(xi + i * width, 0.3, "n/a", ha="center", fontsize=7, rotation=90)
+                ax.text(xi + i * width, 0.3, "ROC only", ha="center", fontsize=7, rotation=90)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(x + width * (len(heads) - 1) / 2, labels=variants, rotation=20, ha="right")
     seeds = {h: len(report["summary"][f"{h}_seeds"]) for h in heads}
     ax.set_ylabel("val F1 drop from clean (points)")
-    ax.set_title("Drop in val micro-F1 under each perturbation (higher is less robust); seeds: "
-                 + ", ".join(f"{h} {n}" for h, n in seeds.items()))
+    ax.set_title("MNRE-2 val micro-F1 drop under each perturbation (higher: less robust)\nseeds: "
+                 + ", ".join(f"{n} {h}" for h, n in seeds.items())
+                 + "; error bars: std over seeds where there are several")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
