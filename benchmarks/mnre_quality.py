@@ -267,11 +267,10 @@ def summarize(entries: list[dict[str, Any]]) -> dict[str, Any]:
     head = pick("full")
     out: dict[str, Any] = {} if head is None else {
         "headline_budget": head, **figures(head), "vs_cls": budgets[head]["vs_cls"]}
-    full_entries = [e for e in entries if protocols[entry_budget(e)] == "full"]
-    best = max(full_entries, key=lambda e: e["val"]["f1"]) if full_entries else None
-    out["best_val_f1"] = best["val"]["f1"] if best else None
-    out["best_run"] = f"{best['setting']} seed {best['seed']} ({entry_budget(best)})" \
-        if best else None
+    best = max((e for e in entries if protocols[entry_budget(e)] == "full"),
+               key=lambda e: e["val"]["f1"], default=None)
+    out["best_val_f1"] = best and best["val"]["f1"]
+    out["best_run"] = best and f"{best['setting']} seed {best['seed']} ({entry_budget(best)})"
     if (low := pick("low_resource")) is not None:
         out["low_resource"] = {"fraction": LOW_RESOURCE_FRACTION, "budget": low, **figures(low)}
     if (zero := zero_shot_summary(entries)) is not None:
@@ -284,11 +283,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     rows = ["| budget | setting | seeds | val micro-F1 (mean) | std | P | R | acc | train time |",
             "|---|---|---|---|---|---|---|---|---|"]
     runs = result["runs"]
-    for budget in summarize(runs)["budgets"]:
-        for setting in [*SETTINGS, *RETIRED]:
-            group = [e for e in runs if entry_budget(e) == budget and e["setting"] == setting]
-            if not group:
-                continue
+    settings = [*SETTINGS, *RETIRED]
+    for budget, setting in ((b, s) for b in summarize(runs)["budgets"] for s in settings):
+        if group := [e for e in runs if entry_budget(e) == budget and e["setting"] == setting]:
             m = {k: statistics.mean(e["val"][k] for e in group)
                  for k in ("f1", "precision", "recall", "accuracy")}
             std = f"{statistics.stdev(e['val']['f1'] for e in group):.2f}" if group[1:] else "-"

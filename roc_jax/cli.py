@@ -182,10 +182,14 @@ def _eval(argv: list[str]) -> None:
         # Per-sample evaluation over the raw files (perturbed, other descriptions, explained).
         from roc_jax import robustness
 
-        descriptions = robustness.description_set(loaded, FLAGS.descriptions, FLAGS.descriptions_k)
-        evaluated, info = robustness.evaluate_variant(loaded, split, FLAGS.perturbation,
-                                                      seed=FLAGS.perturbation_seed,
-                                                      descriptions=descriptions)
+        try:
+            descriptions = robustness.description_set(loaded, FLAGS.descriptions,
+                                                      FLAGS.descriptions_k)
+            evaluated, info = robustness.evaluate_variant(loaded, split, FLAGS.perturbation,
+                                                          seed=FLAGS.perturbation_seed,
+                                                          descriptions=descriptions)
+        except ValueError as e:  # a descriptions file or head that does not fit, a bad split
+            sys.exit(f"error: {e}")
         result = {**evaluated.metrics, "variant": info}
         tag = robustness.variant_name(FLAGS.perturbation, FLAGS.perturbation_seed,
                                       FLAGS.descriptions, FLAGS.descriptions_k)

@@ -223,6 +223,9 @@ def description_set(loaded: Any, path: str | Path | None = None,
 
     if path is None and k is None:
         return None
+    if loaded.config.model.head != "retrieval":
+        raise ValueError("other descriptions need the retrieval head (this model is a "
+                         "classifier over a fixed label set)")
     texts = (desc_lib.load_descriptions(path, loaded.label_names) if path is not None
              else loaded.cache.descriptions())
     if k is not None:

@@ -158,7 +158,7 @@ def test_paraphrase_set_is_complete_reviewed_and_independent():
         # any shipped description of the relation.
         for t in texts:
             for u in shipped[name]:
-                a, b = set(re.findall(r"[a-z']+", t.lower())), set(re.findall(r"[a-z']+", u.lower()))
+                a, b = (set(re.findall(r"[a-z']+", x.lower())) for x in (t, u))
                 assert len(a & b) / len(a | b) < 0.55, (t, u)
 
 
@@ -227,6 +227,8 @@ def test_classification_explain_has_no_description(tmp_path_factory):
     assert ev.metrics["num_examples"] == 16
     with pytest.raises(ValueError, match="need the retrieval head"):
         explain.relations_for(cls, {n: ["x"] for n in cls.label_names})
+    with pytest.raises(ValueError, match="need the retrieval head"):
+        robustness.description_set(cls, k=1)
 
 
 def test_eval_cli_perturbation_and_explain(trained, tmp_path):
@@ -284,8 +286,9 @@ def test_figures_write_small_pngs_from_synthetic_results(tmp_path):
     xy, proto_xy, ratio = figures.pca_2d(pairs, protos)
     assert xy.shape == (500, 2) and proto_xy.shape == (23, 2) and 0 < ratio.sum() <= 1
     rows = [{"relation": n, "f1": 0.5, "support": 3} for n in names]
+    variants = (("clean", 50), ("untyped", 45))
     report = robustness.summarize([{"head": h, "seed": 0, "variant": v, "f1": f}
-                                   for h in ("roc", "cls") for v, f in (("clean", 50), ("untyped", 45))])
+                                   for h in ("roc", "cls") for v, f in variants])
     top = [{"relation": n, "probability": 0.3, "description": "The head ... the tail."}
            for n in names[:3]]
     paths = [figures.pair_map(pairs, labels, protos, names, tmp_path / "map.png"),
