@@ -48,10 +48,9 @@ def test_mha_fused_matches_einsum_forward_and_grads():
         assert bool(jnp.all(jnp.isfinite(y_fused)))
         np.testing.assert_allclose(np.asarray(y_fused), np.asarray(y_ref), **TOL)
 
-    # A fully padded row's output is a constant (uniform attention) in both paths, but einsum's
-    # ``logits + finfo.min`` still passes the unmasked softmax gradient back to q and k, where
-    # dot_product_attention's ``where`` passes none. Training never sends gradient into such rows
-    # (they are padding examples, masked out of the loss), so the loss weights them out here too.
+    # A fully padded row's output is a constant (uniform attention) in both paths. Training never
+    # sends gradient into such rows (they are padding examples, masked out of the loss), so the
+    # loss weights them out here too.
     keep = jnp.any(mask, axis=1)[:, None, None]
 
     def loss(module, xx):

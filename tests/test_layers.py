@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from roc_jax.models.dropout import Dropout, keep_mask, threefry2x32
-from roc_jax.models.layers import activation, dense, dense_dot_general
+from roc_jax.models.layers import MultiHeadAttention, activation, dense, dense_dot_general
 
 
 def test_gelu_matches_torch_exact_gelu():
@@ -182,3 +182,19 @@ def test_dense_layer_gradients_compile_to_last_axis_products():
     plain = nnx.Linear(8, 32, rngs=nnx.Rngs(0))
     assert 0 in lhs_contractions(plain)  # the generic product this layer avoids
     assert lhs_contractions(ours) <= {1, 2}  # x [2, 16, 8] (axis 2) and 2-d views (axis 1)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion of the attention")
+def test_attention_products_compile_to_separate_fusions():
+    """Why the einsum attention masks with a select: with ``logits + bias`` XLA:CPU fused both
+    products and the softmax between them into one YNNPACK fusion, which allocates its
+    ``[B, H, Q, L]`` temporaries on every call (page faults on every forward)."""
+    mha = MultiHeadAttention(384, 12, rngs=nnx.Rngs(0))  # MiniLM's width and heads
+    mha.eval()
+    graphdef, params = nnx.split(mha)
+    x, mask = jnp.ones((8, 64, 384), jnp.float32), jnp.ones((8, 64), bool).at[0, 40:].set(False)
+    hlo = jax.jit(lambda p, x, m: nnx.merge(graphdef, p)(x, m)).lower(
+        params, x, mask).compile().as_text()
+    bodies = re.findall(r"^%fused_computation[.\d]* .*?\{\n(.*?)\n\}", hlo, flags=re.M | re.S)
+    assert bodies, "no fusion in the compiled attention"
+    assert max(len(re.findall(r" dot\(", body)) for body in bodies) == 1
