@@ -1,18 +1,22 @@
-"""Forward throughput of the Flax BERT encoder vs transformers' PyTorch BertModel, same weights.
+"""Forward throughput of the Flax BERT encoder vs transformers' BertModel (same weights, MiniLM-L6,
+float32, CPU, batch ``--batch`` x 64), and MNRE-2 val (text only, ``--mnre``) evaluated by the
+library (``train_lib.evaluate`` over its eval batches) vs ``torch_roc.TorchROC`` with the same
+weights on the same batches. The sides' blocks alternate in one process; a figure is the median
+block. ``--profile``: the forward's XLA op time by kind in ``profiles/encoder_forward.txt``.
 
-MiniLM-L6 (``minilm-l6``, offline) on a batch of 32 x 64 tokens in float32 on the CPU: JAX jitted
-after compilation, PyTorch in ``inference_mode`` on every core with its default attention. The
-two sides' blocks of ``--iters`` forwards alternate; the figure is the median block.
-
-    python benchmarks/encoders.py [--repeats 9] [--iters 5] [--out FILE]
+    python benchmarks/encoders.py --mnre DIR [--repeats 9] [--iters 5] [--eval-repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,16 +29,100 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 
-BATCH, LENGTH = 32, 64
+LENGTH = 64
+PROFILE = Path(__file__).resolve().parent / "profiles" / "encoder_forward.txt"
+
+
+def profile(fn, args: tuple, title: str, steps: int = 5) -> None:
+    """Op time of ``steps`` traced calls of the jitted ``fn`` by kind, as ``train_step.py``."""
+    from train_step import op_category
+
+    names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"',
+                            fn.lower(*args).compile().as_text(), flags=re.M))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        t0 = time.perf_counter()
+        jax.block_until_ready([fn(*args) for _ in range(steps)])
+        wall, _ = (time.perf_counter() - t0) / steps * 1e3, jax.profiler.stop_trace()
+        data = jax.profiler.ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
+    cat, ops = collections.Counter(), collections.Counter()
+    for e in (e for p in data.planes for ln in p.lines if ln.name.startswith("tf_XLA")
+              for e in ln.events if not e.name.startswith(("ThunkExec", "SlinkyThread"))):
+        op = names.get(e.name.removeprefix("end: "), "?")
+        cat[op_category(op)[0]] += e.duration_ns / steps / 1e6
+        ops[f"{e.name:28s} {op[:90]}"] += e.duration_ns / steps / 1e6
+    t = sum(cat.values())
+    PROFILE.write_text("\n".join([f"{title}: {steps} calls, wall {wall:.0f} ms/call, XLA op time "
+                                  f"over threads {t:.0f} ms/call; by kind, then top 20 ops:",
+                                  *(f"  {v / t:6.1%}  {k}" for c in (cat, ops)
+                                    for k, v in c.most_common(20))]) + "\n")
+
+
+def mnre_eval(data_dir: str, batch_size: int, repeats: int) -> dict:
+    """Alternating passes over MNRE-2 val: ``train_lib.evaluate`` and ``TorchROC``."""
+    import torch
+    import train_step as ts
+
+    from configs.mnre import get_config
+    from roc_jax import metrics, parallel, train_lib
+    from roc_jax.data import pipeline, sources
+    from roc_jax.models import weights
+
+    os.environ["ROC_DATA_DIR"] = data_dir
+    config = get_config("offline")  # MiniLM-L6; synthetic description embeddings below
+    config.data.source, config.data.use_images = "raw", False
+    source, names = sources.load_sources(config, ["val"])["val"], sources.label_names_of(config)
+    batches = list(pipeline.make_eval_batches(source, pipeline.load_tokenizer(weights.resolve(
+        "minilm-l6")), train_lib.pipeline_config(config, None), batch_size))
+    model = ts.build_roc(image=False)[0]
+    pt = ts.build_torch(model, None).eval()
+    trainer, state = train_lib.make_evaluator(model, parallel.make_mesh())
+    rel = benchlib.synthetic_relations(len(names))
+    jrel, trel = parallel.replicate(rel, trainer.mesh), [torch.from_numpy(v) for v in rel.values()]
+    tbatches = [benchlib.torch_batch(b) for b in batches]
+
+    def torch_pass() -> dict:
+        acc = metrics.Accumulator()
+        with torch.inference_mode():
+            for b, t in zip(batches, tbatches, strict=True):
+                acc.add(b["label"], pt(t, *trel).argmax(-1).numpy(), b["mask"])
+        return acc.result(names)
+
+    def jax_pass() -> dict:
+        return train_lib.evaluate(trainer, state["params"], batches, jrel, names)
+
+    t0, first = time.perf_counter(), jax_pass()  # compiles one eval step per length bucket
+    compile_s = time.perf_counter() - t0
+    with jax.set_mesh(trainer.mesh), torch.inference_mode():
+        ours = trainer.eval_step(state["params"], parallel.shard_batch(batches[0], trainer.mesh),
+                                 jrel)["logits"]
+        diff = float(np.abs(np.asarray(ours) - pt(tbatches[0], *trel).numpy()).max())
+    blocks = benchlib.time_interleaved({"jax": jax_pass, "torch": torch_pass}, repeats, 1,
+                                       usage=(usage := {}))
+    return {"samples": len(source), "batch_size": batch_size, "batches": len(batches),
+            "jax_first_pass_s": compile_s, "max_abs_diff_logits_first_batch": diff,
+            "same_confusion_matrix": first["confusion"] == torch_pass()["confusion"],
+            **{k: rates(v, len(source), usage[k]) for k, v in blocks.items()}}
+
+
+def rates(blocks: list[float], examples: int, usage: dict) -> dict:
+    """``rate_summary`` with the median page faults and kernel seconds per call."""
+    return {**benchlib.rate_summary(blocks, examples),
+            **{f"{k}_per_call": statistics.median(v) for k, v in usage.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--iters", type=int, default=5)
+    for name, default in (("batch", 32), ("repeats", 9), ("iters", 5), ("eval-batch", 64),
+                          ("eval-repeats", 3)):  # eval-batch: configs/mnre.py's; repeats 0: none
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--mnre", default=os.environ.get("ROC_DATA_DIR", ""), help="raw MNRE")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--note", default="", help="stored in the result")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encoders.json"))
     args = parser.parse_args(argv)
-
+    if args.eval_repeats and not args.mnre:
+        parser.error("the eval part reads MNRE: --mnre DIR (or ROC_DATA_DIR), or --eval-repeats 0")
     import torch
     import transformers
 
@@ -42,9 +130,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     host = benchlib.machine()  # before the run: its load average is the one at the start
     torch.set_num_threads(os.cpu_count() or 1)
-    model, _, _ = weights.load_text_encoder("minilm-l6")
+    model = weights.load_text_encoder("minilm-l6")[0]
+    model.eval()
     pt = transformers.BertModel.from_pretrained(str(weights.resolve("minilm-l6"))).eval()
-    batch = benchlib.synthetic_batch(BATCH, LENGTH, object_tail_fields=False)
+    batch = benchlib.synthetic_batch(args.batch, LENGTH, object_tail_fields=False)
     ids, mask = batch["input_ids"], batch["attention_mask"]
 
     # A pure function of (params, inputs): no NNX graph traversal inside the timed loop.
@@ -58,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     forward(state, j_ids, j_mask).block_until_ready()
     compile_s = time.perf_counter() - t0
+    if args.profile:
+        profile(forward, (state, j_ids, j_mask),
+                f"JAX encoder forward (minilm-l6, batch {args.batch} x {LENGTH})")
 
     t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
@@ -65,24 +157,28 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.inference_mode():
             return pt(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
 
-    ref = torch_forward()  # warm-up
-    ours = np.asarray(forward(state, j_ids, j_mask))
-    max_diff = float(np.abs(ours - ref.numpy()).max())
+    max_diff = float(np.abs(np.asarray(forward(state, j_ids, j_mask)) - torch_forward().numpy())
+                     .max())  # and PyTorch's warm-up
     blocks = benchlib.time_interleaved(
         {"jax": lambda: forward(state, j_ids, j_mask).block_until_ready(), "torch": torch_forward},
-        args.repeats, args.iters)
-    jax_r, torch_r = (benchlib.rate_summary(blocks[k], BATCH) for k in ("jax", "torch"))
+        args.repeats, args.iters, usage=(usage := {}))
+    jax_r, torch_r = (rates(blocks[k], args.batch, usage[k]) for k in ("jax", "torch"))
     result = {
-        "benchmark": "BERT encoder forward, minilm-l6 (6 x 384), float32, CPU", "batch": BATCH,
-        "length": LENGTH, "repeats": args.repeats, "iters_per_repeat": args.iters,
-        "machine": host, "jax": {"compile_s": compile_s, **jax_r},
+        "benchmark": "BERT encoder forward, minilm-l6 (6 x 384), float32, CPU; MNRE-2 val eval",
+        "batch": args.batch, "length": LENGTH, "repeats": args.repeats,
+        "iters_per_repeat": args.iters, "machine": host, "jax": {"compile_s": compile_s, **jax_r},
         "torch": {"num_threads": torch.get_num_threads(),
                   "attn_implementation": pt.config._attn_implementation, **torch_r},
-        "max_abs_diff_last_hidden_state": max_diff,
+        "max_abs_diff_last_hidden_state": max_diff, **({"note": args.note} if args.note else {}),
         "summary": {"jax_ex_per_s": round(jax_r["ex_per_s"], 1),
                     "torch_ex_per_s": round(torch_r["ex_per_s"], 1),
                     "ratio_vs_torch": round(jax_r["ex_per_s"] / torch_r["ex_per_s"], 3)},
     }
+    if args.eval_repeats:
+        ev = result["eval"] = mnre_eval(args.mnre, args.eval_batch, args.eval_repeats)
+        j, t = ev["jax"]["ex_per_s"], ev["torch"]["ex_per_s"]
+        result["summary"] |= {"eval_jax_ex_per_s": round(j, 1), "eval_torch_ex_per_s": round(
+            t, 1), "eval_ratio_vs_torch": round(j / t, 3)}
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
