@@ -51,12 +51,21 @@ def metrics_rows(workdir: Path) -> list[dict]:
 
 
 def read_state(workdir: Path, step: int) -> dict:
-    """A saved train state ``{'params', 'opt_state', 'step', 'rng'}`` as host arrays, read from
-    the step's items ``params``, ``opt_state`` and ``progress`` (no model needed)."""
+    """A saved train state ``{'params', 'opt_state', 'step', 'rng'}`` as host numpy arrays, read
+    from the step's items ``params``, ``opt_state`` and ``progress`` (no model needed; whatever
+    devices and processes wrote it)."""
+    import jax
+    import numpy as np
     import orbax.checkpoint as ocp
 
+    checkpointer = ocp.PyTreeCheckpointer()
+
+    def read(path: Path) -> dict:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
     folder = workdir / "checkpoints" / str(step)
-    read = ocp.PyTreeCheckpointer().restore
     return {"params": read(folder / "params"), "opt_state": read(folder / "opt_state"),
             **read(folder / "progress")}
 

