@@ -269,7 +269,7 @@ def evaluate_variant(loaded: Any, split: str, perturbation: str | None = None, *
         perturbed = perturb(perturbation, samples, seed=seed, train_samples=train_samples)
         info["changed"] = count_changed(samples, perturbed)
         if perturbation in SEEDED:
-            info["seed"] = seed
+            info["perturbation_seed"] = seed
         samples = perturbed
     return explain.evaluate_samples(loaded, samples, descriptions=descriptions), info
 

@@ -175,6 +175,10 @@ def test_clean_per_sample_eval_matches_evaluate_split(loaded):
     ev, info = robustness.evaluate_variant(loaded, "val")
     ref = loaded.evaluate_split("val")
     assert info == {"split": "val", "perturbation": "clean", "samples": 16, "changed": 0}
+    loaded.config.seed = 3  # the model's seed, not the perturbation's, names the run
+    ev_typo, info_typo = robustness.evaluate_variant(loaded, "val", "typos_low", seed=5)
+    entry = robustness.run_entry(loaded, "w", "typos_low", ev_typo, info_typo, 1.0)
+    assert (entry["seed"], entry["perturbation_seed"], entry["head"]) == (3, 5, "roc")
     for key in ("f1", "precision", "recall", "accuracy", "confusion"):
         assert ev.metrics[key] == ref[key], key
     assert ev.logits.shape == (16, len(loaded.label_names))
@@ -243,7 +247,7 @@ def test_eval_cli_perturbation_and_explain(trained, tmp_path):
     out = tmp_path / "eval_typos_high_s2"
     metrics = json.loads((out / "metrics_val.json").read_text())
     assert metrics["variant"]["perturbation"] == "typos_high"
-    assert metrics["variant"]["seed"] == 2 and metrics["num_examples"] == 16
+    assert metrics["variant"]["perturbation_seed"] == 2 and metrics["num_examples"] == 16
     assert (out / "report_val.txt").exists() and (out / "confusion_val.png").exists()
     rows = [json.loads(x) for x in (out / "explain_val.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and rows[0]["id"] == "mnre_val.txt:1"
