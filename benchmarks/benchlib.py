@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -230,3 +232,39 @@ def torch_batch(batch: dict[str, np.ndarray], device: Any = "cpu") -> dict[str, 
             t = t.permute(0, 3, 1, 2).contiguous()
         out[k] = t
     return out
+
+
+def op_category(op_name: str) -> tuple[str, str]:
+    """(category, phase) of an HLO instruction from its JAX ``op_name`` metadata."""
+    if any(k in op_name for k in ("dropout_keep_mask", "threefry", "_bernoulli", "_uniform",
+                                  "random_bits", "rng_bit_generator")):
+        cat = "dropout masks (random bits)"
+    else:
+        last = op_name.rsplit("/", 1)[-1]
+        cat = {"dot_general": "matmul (dot_general)", "erfc": "gelu (erf)", "erf": "gelu (erf)",
+               "exp": "softmax exp", "select_n": "select (dropout apply, masks)",
+               "transpose": "transpose/copy", "copy": "transpose/copy"}.get(last, f"other: {last}")
+    phase = ("backward" if "transpose(jvp" in op_name else "forward" if "jvp(" in op_name
+             else "optimizer and rest")
+    return cat, phase
+
+
+def traced_op_times(compiled_hlo: str, call: Callable[[], Any], steps: int
+                    ) -> tuple[float, list[tuple[str, str, float]]]:
+    """``steps`` calls of ``call`` (a compiled JAX computation whose HLO text is ``compiled_hlo``)
+    under ``jax.profiler``: the wall seconds per call and, for every XLA op event on the worker
+    threads, (event name, the op's JAX ``op_name``, nanoseconds per call)."""
+    import jax
+
+    names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"',
+                            compiled_hlo, flags=re.M))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        t0 = time.perf_counter()
+        jax.block_until_ready([call() for _ in range(steps)])
+        wall = (time.perf_counter() - t0) / steps
+        jax.profiler.stop_trace()
+        data = jax.profiler.ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
+    return wall, [(e.name, names.get(e.name.removeprefix("end: "), "?"), e.duration_ns / steps)
+                  for p in data.planes for ln in p.lines if ln.name.startswith("tf_XLA")
+                  for e in ln.events if not e.name.startswith(("ThunkExec", "SlinkyThread"))]

@@ -13,10 +13,8 @@ import argparse
 import collections
 import json
 import os
-import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,25 +33,15 @@ PROFILE = Path(__file__).resolve().parent / "profiles" / "encoder_forward.txt"
 
 def profile(fn, args: tuple, title: str, steps: int = 5) -> None:
     """Op time of ``steps`` traced calls of the jitted ``fn`` by kind, as ``train_step.py``."""
-    from train_step import op_category
-
-    names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"',
-                            fn.lower(*args).compile().as_text(), flags=re.M))
-    with tempfile.TemporaryDirectory() as tmp:
-        jax.profiler.start_trace(tmp)
-        t0 = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(steps)])
-        wall, _ = (time.perf_counter() - t0) / steps * 1e3, jax.profiler.stop_trace()
-        data = jax.profiler.ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
+    wall, events = benchlib.traced_op_times(fn.lower(*args).compile().as_text(),
+                                            lambda: fn(*args), steps)
     cat, ops = collections.Counter(), collections.Counter()
-    for e in (e for p in data.planes for ln in p.lines if ln.name.startswith("tf_XLA")
-              for e in ln.events if not e.name.startswith(("ThunkExec", "SlinkyThread"))):
-        op = names.get(e.name.removeprefix("end: "), "?")
-        cat[op_category(op)[0]] += e.duration_ns / steps / 1e6
-        ops[f"{e.name:28s} {op[:90]}"] += e.duration_ns / steps / 1e6
+    for name, op, ns in events:
+        cat[benchlib.op_category(op)[0]] += ns / 1e6
+        ops[f"{name:28s} {op[:90]}"] += ns / 1e6
     t = sum(cat.values())
-    PROFILE.write_text("\n".join([f"{title}: {steps} calls, wall {wall:.0f} ms/call, XLA op time "
-                                  f"over threads {t:.0f} ms/call; by kind, then top 20 ops:",
+    PROFILE.write_text("\n".join([f"{title}: {steps} calls, wall {wall * 1e3:.0f} ms/call, XLA op "
+                                  f"time over threads {t:.0f} ms/call; by kind, then top 20 ops:",
                                   *(f"  {v / t:6.1%}  {k}" for c in (cat, ops)
                                     for k, v in c.most_common(20))]) + "\n")
 

@@ -23,12 +23,9 @@ import dataclasses
 import functools
 import json
 import os
-import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -204,21 +201,6 @@ def compare(name: str, image_size: int, args: argparse.Namespace) -> dict[str, A
     return res
 
 
-def op_category(op_name: str) -> tuple[str, str]:
-    """(category, phase) of an HLO instruction from its JAX ``op_name`` metadata."""
-    if any(k in op_name for k in ("dropout_keep_mask", "threefry", "_bernoulli", "_uniform",
-                                  "random_bits", "rng_bit_generator")):
-        cat = "dropout masks (random bits)"
-    else:
-        last = op_name.rsplit("/", 1)[-1]
-        cat = {"dot_general": "matmul (dot_general)", "erfc": "gelu (erf)", "erf": "gelu (erf)",
-               "exp": "softmax exp", "select_n": "select (dropout apply, masks)",
-               "transpose": "transpose/copy", "copy": "transpose/copy"}.get(last, f"other: {last}")
-    phase = ("backward" if "transpose(jvp" in op_name else "forward" if "jvp(" in op_name
-             else "optimizer and rest")
-    return cat, phase
-
-
 def profile(image_size: int, out_txt: Path, steps: int = 2) -> dict[str, Any]:
     """Traces ``steps`` train steps; sums the XLA ops' durations (over the worker threads) by
     category and phase; writes the table to ``out_txt``."""
@@ -230,31 +212,13 @@ def profile(image_size: int, out_txt: Path, steps: int = 2) -> dict[str, Any]:
     trainer = js["trainer"]
     jax.block_until_ready(step())  # compile
     hlo = trainer.jit_train.lower(js["state"], js["batch"], js["rel"], trainer.rest).compile()
-    names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"',
-                            hlo.as_text(), flags=re.M))
-    tmp = Path(tempfile.mkdtemp(prefix="roc_prof_"))
-    jax.profiler.start_trace(str(tmp))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        out = step()
-    jax.block_until_ready(out)
-    wall = (time.perf_counter() - t0) / steps
-    jax.profiler.stop_trace()
-    data = jax.profiler.ProfileData.from_file(str(next(tmp.rglob("*.xplane.pb"))))
-    shutil.rmtree(tmp, ignore_errors=True)
+    wall, events = benchlib.traced_op_times(hlo.as_text(), step, steps)
     by_cat, by_phase, by_op = (collections.Counter() for _ in range(3))
-    for plane in data.planes:
-        for line in plane.lines:
-            if not line.name.startswith("tf_XLA"):
-                continue
-            for e in line.events:
-                if e.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
-                    continue  # wrappers and waits, not ops
-                op = names.get(e.name.removeprefix("end: "), "?")
-                cat, phase = op_category(op)
-                by_cat[cat] += e.duration_ns / steps
-                by_phase[phase] += e.duration_ns / steps
-                by_op[(e.name, op)] += e.duration_ns / steps
+    for name, op, ns in events:
+        cat, phase = benchlib.op_category(op)
+        by_cat[cat] += ns
+        by_phase[phase] += ns
+        by_op[(name, op)] += ns
     total = sum(by_cat.values())
     kind = f"multimodal (DINOv2-S/14 at {image_size} px)" if image_size else "text"
     lines = [f"JAX {kind} train step (minilm-l6, batch {BATCH} x {LENGTH}), jax.profiler trace "

@@ -48,3 +48,18 @@ def test_synthetic_batch_has_the_pipeline_keys_and_valid_markers():
     rel = benchlib.synthetic_relations(23, 5, 384)
     assert rel["embeddings"].shape == (23, 5, 384) and rel["mask"].all()
     assert np.isfinite(rel["embeddings"]).all()
+
+
+def test_traced_op_times_name_the_jax_ops_of_a_compiled_call():
+    """The profile both CPU scripts write: every XLA op event maps back to its JAX op, and the
+    categories see the matmul and the exp of a small jitted function."""
+    import jax
+    import jax.numpy as jnp
+
+    fn = jax.jit(lambda a, b: jnp.exp(a @ b))
+    a = jnp.ones((256, 256), jnp.float32)
+    wall, events = benchlib.traced_op_times(fn.lower(a, a).compile().as_text(), lambda: fn(a, a), 3)
+    assert wall > 0 and events
+    kinds = {benchlib.op_category(op)[0] for _, op, _ in events}
+    assert "matmul (dot_general)" in kinds, kinds
+    assert all(ns >= 0 for _, _, ns in events)
