@@ -36,6 +36,7 @@ from flax import nnx
 from roc_jax import metrics as metrics_lib
 from roc_jax import parallel, train_lib
 from roc_jax.data.records import Sample
+from roc_jax.models import scoring
 
 
 @dataclasses.dataclass
@@ -149,8 +150,7 @@ def evaluate_samples(loaded: Any, samples: Sequence[Sample], *,
     prototypes = mask = texts = None
     if retrieval:
         mask = np.asarray(cache.mask, bool)
-        summed = (rel_vectors * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
-        prototypes = summed / np.maximum(np.linalg.norm(summed, axis=-1, keepdims=True), 1e-12)
+        prototypes = np.asarray(scoring.relation_vectors(rel_vectors, mask))
         texts = [list(t) for t in cache.texts]
     return Evaluated(acc.result(loaded.label_names), list(loaded.label_names),
                      [s.source for s in samples], logits, labels, pairs, desc_sim, mask,
