@@ -22,19 +22,16 @@ parameters, so a different set is always encoded anew).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from roc_jax import inference, parallel, train_lib
 from roc_jax import metrics as metrics_lib
-from roc_jax import parallel, train_lib
 from roc_jax.data.records import Sample
 from roc_jax.models import scoring
 
@@ -59,20 +56,6 @@ class Evaluated:
     desc_mask: np.ndarray | None
     prototypes: np.ndarray | None
     texts: list[list[str]] | None
-
-
-@functools.lru_cache(maxsize=4)
-def _scores_fn(gdef_eval: Any) -> Any:
-    def run(params, rest, batch, relations):
-        model = nnx.merge(gdef_eval, params, rest, copy=True)
-        logits, inter = model(batch, relations)
-        out = {"logits": logits, "pair": inter["pair"].astype(jnp.float32)}
-        if "relations" in inter:  # retrieval: cosine of the pair to every description
-            out["desc_sim"] = jnp.einsum("bp,rkp->brk", inter["pair"], inter["relations"])
-            out["relations"] = inter["relations"]
-        return out
-
-    return jax.jit(run)
 
 
 def relations_for(loaded: Any, descriptions: Mapping[str, Sequence[str]]) -> tuple[Any, Any]:
@@ -123,7 +106,7 @@ def evaluate_samples(loaded: Any, samples: Sequence[Sample], *,
     source = pipeline.SampleSource(samples, rel2id, config.data.image_size)
     batches = pipeline.make_eval_batches(source, loaded.tokenizer, exp.pipeline_cfg,
                                          batch_size or config.train.eval_batch_size)
-    fn = _scores_fn(exp.trainer.graphdef_eval)
+    fn = inference.scores_fn(exp.trainer.graphdef_eval)
     n = len(samples)
     logits = pairs = desc_sim = None
     rel_vectors = None

@@ -217,13 +217,17 @@ def _example(loaded: Loaded, tokens: Sequence[str], head: tuple[int, int], tail:
 
 
 @functools.lru_cache(maxsize=4)
-def _predict_fn(gdef_eval: Any) -> Any:
+def scores_fn(gdef_eval: Any) -> Any:
+    """The jitted eval-mode model for predict and per-sample evaluation: ``(params, rest, batch,
+    relations) -> {logits [B, R], pair [B, P]}`` plus, for the retrieval head, ``desc_sim``
+    ``[B, R, K]`` (the pair against every description) and ``relations`` ``[R, K, P]``."""
     def run(params, rest, batch, relations):
         model = nnx.merge(gdef_eval, params, rest, copy=True)
         logits, inter = model(batch, relations)
-        out = {"logits": logits}
+        out = {"logits": logits, "pair": inter["pair"].astype(jnp.float32)}
         if "relations" in inter:  # retrieval: cosine of the pair to every description
             out["desc_sim"] = jnp.einsum("bp,rkp->brk", inter["pair"], inter["relations"])
+            out["relations"] = inter["relations"]
         return out
 
     return jax.jit(run)
@@ -286,7 +290,7 @@ def predict(loaded: Loaded | str | Path, text: str | Sequence[str],
     n = exp.trainer.mesh.devices.size
     batch = next(iter(pipeline.make_eval_batches([example], loaded.tokenizer, exp.pipeline_cfg,
                                                  n)))
-    fn = _predict_fn(exp.trainer.graphdef_eval)
+    fn = scores_fn(exp.trainer.graphdef_eval)
     with jax.set_mesh(exp.trainer.mesh):
         out = fn(exp.state["params"], exp.trainer.rest,
                  parallel.shard_batch(batch, exp.trainer.mesh), relations)
