@@ -72,11 +72,12 @@ def _cli_args(data_dir: Path, workdir: Path) -> list[str]:
 class _Recorded:
     """A train iterator that notes the records of every batch it yields, prints a line when it
     yields its first, and, given ``wait_before``, never yields the batch of that step on
-    process 0 (the others go on, into that step's collectives)."""
+    process 0 (the others go on, into that step's collectives); ``pace_s`` seconds before every
+    batch leave a signal sent after the first batch time to land before the run's last step."""
 
-    def __init__(self, it, name: str, read: list, wait_before: int | None):
+    def __init__(self, it, name: str, read: list, wait_before: int | None, pace_s: float = 0.0):
         self._it, self._name, self._read, self._wait_before = it, name, read, wait_before
-        self._started = False
+        self._pace_s, self._started = pace_s, False
 
     def __getattr__(self, attr):
         return getattr(self._it, attr)
@@ -89,6 +90,7 @@ class _Recorded:
         if not self._started:
             self._started = True
             print(f"worker: {self._name}: first batch, step {step + 1}", flush=True)
+        time.sleep(self._pace_s)
         if step + 1 == self._wait_before and jax.process_index() == 0:
             print(f"worker: {self._name}: waiting before step {step + 1}", flush=True)
             while True:  # until the test kills this process
@@ -142,9 +144,11 @@ def _worker(argv: list[str]) -> None:
             continue
         read: dict = {"train": []}
         wait_before = 3 if kind == "train_until_killed" else None
+        pace_s = 1.0 if kind == "train_until_sigterm" else 0.0
 
-        def train_iterator(*args, _read=read, _wait=wait_before, _name=workdir.name, **kwargs):
-            return _Recorded(real_train(*args, **kwargs), _name, _read["train"], _wait)
+        def train_iterator(*args, _read=read, _wait=wait_before, _name=workdir.name,
+                           _pace=pace_s, **kwargs):
+            return _Recorded(real_train(*args, **kwargs), _name, _read["train"], _wait, _pace)
 
         def eval_batches(*args, _read=read, **kwargs):
             batches = real_eval(*args, **kwargs)
@@ -339,7 +343,7 @@ def second_launch(first_launch, one_process_at_2, base):
     left = base / "killed_copy"
     shutil.copytree(workdir, left)
     steps_left = sorted(int(p.name) for p in (left / "checkpoints").iterdir() if p.name.isdigit())
-    launch = _worker_launch(base, f"train.py:{workdir}", f"train:{one_process_at_2}")
+    launch = _worker_launch(base, f"train.py:{workdir}", f"train_until_sigterm:{one_process_at_2}")
     pids = launch.pids()
     launch.on_output(_both("worker: one_two_one: first batch"),
                      lambda: os.kill(pids[1], signal.SIGTERM))
