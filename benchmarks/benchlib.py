@@ -7,6 +7,8 @@ functions run in alternating blocks (``time_interleaved``) and each figure is th
 
 from __future__ import annotations
 
+import collections
+import json
 import os
 import platform
 import re
@@ -57,6 +59,20 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def write_json(path: Path, result: dict[str, Any], indent: int = 1) -> None:
+    """Replaces ``path`` (its folder made) atomically: a killed run leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=indent, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), the seconds it took)``: e.g. a first call with its compilation."""
+    t0 = time.perf_counter()
+    return fn(), time.perf_counter() - t0
+
+
 def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, iters: int,
                      sync: Callable[[Any], Any] = lambda x: x, usage: dict | None = None
                      ) -> dict[str, list[float]]:
@@ -95,11 +111,14 @@ def chunked_rate(step: Callable[[], Any], sync: Callable[[Any], Any], batch: int
     return statistics.median(rates), steps
 
 
-def rate_summary(seconds_per_call: list[float], examples_per_call: int) -> dict[str, Any]:
-    """Median (the figure) and best examples/s of timed blocks, with the raw blocks."""
+def rate_summary(seconds_per_call: list[float], examples_per_call: int, usage: dict | None = None,
+                 per: str = "call") -> dict[str, Any]:
+    """Median (the figure) and best examples/s of timed blocks, with the raw blocks; with
+    ``usage`` (one function's of ``time_interleaved``), its medians as ``<key>_per_<per>``."""
     med = statistics.median(seconds_per_call)
     return {"ex_per_s": examples_per_call / med, "best_ex_per_s": examples_per_call /
-            min(seconds_per_call), "s_per_call_blocks": [round(s, 5) for s in seconds_per_call]}
+            min(seconds_per_call), "s_per_call_blocks": [round(s, 5) for s in seconds_per_call],
+            **{f"{k}_per_{per}": statistics.median(v) for k, v in (usage or {}).items()}}
 
 
 def matmul_probe(n: int, dtype: str = "float32") -> tuple[Callable[[], Any], float]:
@@ -122,7 +141,6 @@ def matmul_flops(n: int = 2048, repeats: int = 7, dtype: str = "float32") -> dic
     secs = time_interleaved({"mm": call}, repeats, 1, jax.block_until_ready)["mm"]
     return {"n": n, "dtype": dtype, "flops_per_s": flops / statistics.median(secs),
             "s_blocks": [round(t, 5) for t in secs]}
-
 
 
 def layer_flops(n: int, d: int, f: int, queries: int | None = None) -> float:
@@ -250,10 +268,11 @@ def op_category(op_name: str) -> tuple[str, str]:
 
 
 def traced_op_times(compiled_hlo: str, call: Callable[[], Any], steps: int
-                    ) -> tuple[float, list[tuple[str, str, float]]]:
+                    ) -> tuple[float, dict[str, collections.Counter]]:
     """``steps`` calls of ``call`` (a compiled JAX computation whose HLO text is ``compiled_hlo``)
-    under ``jax.profiler``: the wall seconds per call and, for every XLA op event on the worker
-    threads, (event name, the op's JAX ``op_name``, nanoseconds per call)."""
+    under ``jax.profiler``: the wall seconds per call and the nanoseconds per call of the XLA op
+    events on the worker threads, summed by ``"category"`` and ``"phase"`` (``op_category``) and
+    by ``"op"``: (event name, the op's JAX ``op_name``)."""
     import jax
 
     names = dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"',
@@ -265,6 +284,10 @@ def traced_op_times(compiled_hlo: str, call: Callable[[], Any], steps: int
         wall = (time.perf_counter() - t0) / steps
         jax.profiler.stop_trace()
         data = jax.profiler.ProfileData.from_file(str(next(Path(tmp).rglob("*.xplane.pb"))))
-    return wall, [(e.name, names.get(e.name.removeprefix("end: "), "?"), e.duration_ns / steps)
-                  for p in data.planes for ln in p.lines if ln.name.startswith("tf_XLA")
-                  for e in ln.events if not e.name.startswith(("ThunkExec", "SlinkyThread"))]
+    sums = {k: collections.Counter() for k in ("category", "phase", "op")}
+    for e in (e for p in data.planes for ln in p.lines if ln.name.startswith("tf_XLA")
+              for e in ln.events if not e.name.startswith(("ThunkExec", "SlinkyThread"))):
+        op = names.get(e.name.removeprefix("end: "), "?")
+        for key, value in zip(sums, (*op_category(op), (e.name, op)), strict=True):
+            sums[key][value] += e.duration_ns / steps
+    return wall, sums

@@ -10,22 +10,15 @@ block. ``--profile``: the forward's XLA op time by kind in ``profiles/encoder_fo
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import statistics
-import sys
-import time
 from pathlib import Path
 
+import benchlib
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import benchlib  # noqa: E402
 
 LENGTH = 64
 PROFILE = Path(__file__).resolve().parent / "profiles" / "encoder_forward.txt"
@@ -33,17 +26,14 @@ PROFILE = Path(__file__).resolve().parent / "profiles" / "encoder_forward.txt"
 
 def profile(fn, args: tuple, title: str, steps: int = 5) -> None:
     """Op time of ``steps`` traced calls of the jitted ``fn`` by kind, as ``train_step.py``."""
-    wall, events = benchlib.traced_op_times(fn.lower(*args).compile().as_text(),
-                                            lambda: fn(*args), steps)
-    cat, ops = collections.Counter(), collections.Counter()
-    for name, op, ns in events:
-        cat[benchlib.op_category(op)[0]] += ns / 1e6
-        ops[f"{name:28s} {op[:90]}"] += ns / 1e6
-    t = sum(cat.values())
+    wall, sums = benchlib.traced_op_times(fn.lower(*args).compile().as_text(),
+                                          lambda: fn(*args), steps)
+    t = sum(sums["category"].values())
+    rows = [*sums["category"].most_common(20),
+            *((f"{name:28s} {op[:90]}", ns) for (name, op), ns in sums["op"].most_common(20))]
     PROFILE.write_text("\n".join([f"{title}: {steps} calls, wall {wall * 1e3:.0f} ms/call, XLA op "
-                                  f"time over threads {t:.0f} ms/call; by kind, then top 20 ops:",
-                                  *(f"  {v / t:6.1%}  {k}" for c in (cat, ops)
-                                    for k, v in c.most_common(20))]) + "\n")
+                                  f"time over threads {t / 1e6:.0f} ms/call; by kind, then top 20 "
+                                  "ops:", *(f"  {v / t:6.1%}  {k}" for k, v in rows)]) + "\n")
 
 
 def mnre_eval(data_dir: str, batch_size: int, repeats: int) -> dict:
@@ -79,8 +69,7 @@ def mnre_eval(data_dir: str, batch_size: int, repeats: int) -> dict:
     def jax_pass() -> dict:
         return train_lib.evaluate(trainer, state["params"], batches, jrel, names)
 
-    t0, first = time.perf_counter(), jax_pass()  # compiles one eval step per length bucket
-    compile_s = time.perf_counter() - t0
+    first, compile_s = benchlib.timed(jax_pass)  # compiles one eval step per length bucket
     with jax.set_mesh(trainer.mesh), torch.inference_mode():
         ours = trainer.eval_step(state["params"], parallel.shard_batch(batches[0], trainer.mesh),
                                  jrel)["logits"]
@@ -90,13 +79,7 @@ def mnre_eval(data_dir: str, batch_size: int, repeats: int) -> dict:
     return {"samples": len(source), "batch_size": batch_size, "batches": len(batches),
             "jax_first_pass_s": compile_s, "max_abs_diff_logits_first_batch": diff,
             "same_confusion_matrix": first["confusion"] == torch_pass()["confusion"],
-            **{k: rates(v, len(source), usage[k]) for k, v in blocks.items()}}
-
-
-def rates(blocks: list[float], examples: int, usage: dict) -> dict:
-    """``rate_summary`` with the median page faults and kernel seconds per call."""
-    return {**benchlib.rate_summary(blocks, examples),
-            **{f"{k}_per_call": statistics.median(v) for k, v in usage.items()}}
+            **{k: benchlib.rate_summary(v, len(source), usage[k]) for k, v in blocks.items()}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,9 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         return nnx.merge(graphdef, state)(ids, mask)
 
     j_ids, j_mask = jnp.asarray(ids), jnp.asarray(mask)
-    t0 = time.perf_counter()
-    forward(state, j_ids, j_mask).block_until_ready()
-    compile_s = time.perf_counter() - t0
+    compile_s = benchlib.timed(lambda: forward(state, j_ids, j_mask).block_until_ready())[1]
     if args.profile:
         profile(forward, (state, j_ids, j_mask),
                 f"JAX encoder forward (minilm-l6, batch {args.batch} x {LENGTH})")
@@ -150,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = benchlib.time_interleaved(
         {"jax": lambda: forward(state, j_ids, j_mask).block_until_ready(), "torch": torch_forward},
         args.repeats, args.iters, usage=(usage := {}))
-    jax_r, torch_r = (rates(blocks[k], args.batch, usage[k]) for k in ("jax", "torch"))
+    jax_r, torch_r = (benchlib.rate_summary(blocks[k], args.batch, usage[k])
+                      for k in ("jax", "torch"))
     result = {
         "benchmark": "BERT encoder forward, minilm-l6 (6 x 384), float32, CPU; MNRE-2 val eval",
         "batch": args.batch, "length": LENGTH, "repeats": args.repeats,
@@ -168,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["summary"] |= {"eval_jax_ex_per_s": round(j, 1), "eval_torch_ex_per_s": round(
             t, 1), "eval_ratio_vs_torch": round(j / t, 3)}
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    benchlib.write_json(args.out, result, indent=2)
     print(json.dumps(result["summary"]), "->", args.out)
     return result
 

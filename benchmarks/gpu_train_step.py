@@ -1,14 +1,13 @@
 """Paper-size ROC train step on a GPU: examples/s and MFU, JAX next to PyTorch, in one sweep.
 
-The paper's shapes (bert-base, CLIP ViT-B/32 at 224 px, 2 fusion layers, 23 x 5 descriptions),
-random weights, synthetic 80-token batches on the device. Each variant of ``--runs`` trains
-``--seconds`` after its compile (examples/s: the median over chunks of ``--chunk`` steps):
-``b<batch>_jax_<einsum|fused>_<bf16|f32>`` (``fused``: cuDNN flash attention through
-``jax.nn.dot_product_attention``, trained without attention dropout, which it lacks) or
-``b<batch>_torch_bf16`` (``torch_roc.TorchROC``, SDPA, autocast). One that would end after
-``--budget`` seconds is skipped, one that fails records its error; the file is rewritten after
-each. MFU: the FLOPs per example each side computes x examples/s, over the card's dense bf16 peak
-and over the measured bf16 ``8192^3`` matmul rate.
+bert-base and CLIP ViT-B/32 (224 px) shapes, 2 fusion layers, 23 x 5 descriptions, random weights,
+synthetic 80-token batches on the device. Each variant of ``--runs``,
+``b<batch>_jax_<einsum|fused>_<bf16|f32>`` (``fused``: cuDNN flash attention, trained without
+attention dropout, which it lacks) or ``b<batch>_torch_bf16`` (``torch_roc.TorchROC``, SDPA,
+autocast), trains ``--seconds`` after its compile (examples/s: the median over chunks of
+``--chunk`` steps); one that would end after ``--budget`` seconds is skipped, one that fails
+records its error; the file is rewritten after each. MFU: over the card's dense bf16 peak and
+over the measured bf16 ``8192^3`` matmul rate.
 
     bash benchmarks/gpu.sh                       # writes benchmarks/results/gpu-<card>.json
     python benchmarks/gpu_train_step.py --tiny --seconds 1 --out /tmp/gpu.json   # CPU smoke test
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 
@@ -75,9 +74,7 @@ def run_jax(args, batch_size: int, dtype_name: str, attention: str) -> dict:
                 image_dim=vcfg.hidden_size, dtype=dtype, rngs=rngs)
     step, _ = benchlib.jax_train_step(model, *batch_and_relations(args, batch_size))
     del model  # the trainer holds a copy of the parameters
-    t0 = time.perf_counter()
-    jax.block_until_ready(step())
-    compile_s = time.perf_counter() - t0
+    compile_s = benchlib.timed(lambda: jax.block_until_ready(step()))[1]
     for _ in range(args.warmup):
         jax.block_until_ready(step())
     rate, steps = benchlib.chunked_rate(step, jax.block_until_ready, batch_size, args.seconds,
@@ -105,21 +102,15 @@ def run_torch(args, batch_size: int) -> dict:
     vcfg = CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "model_type"})
     model = TorchROC(BertModel(tcfg, add_pooling_layer=False), tcfg, CLIPVisionModel(vcfg),
                      vcfg.hidden_size, tcfg.hidden_size, FUSION, PROJ).to(dev).train()
-    step_fn = make_train_step(model, bf16=True)
-    np_batch, rel = batch_and_relations(args, batch_size)
-    batch = benchlib.torch_batch(np_batch, dev)
-    rel_t, rel_mask = (torch.from_numpy(rel[k]).to(dev) for k in ("embeddings", "mask"))
-
-    def step():
-        return step_fn(batch, rel_t, rel_mask)
-
+    batch, rel = batch_and_relations(args, batch_size)
+    step = functools.partial(make_train_step(model, bf16=True), benchlib.torch_batch(batch, dev),
+                             *(torch.from_numpy(rel[k]).to(dev) for k in ("embeddings", "mask")))
     for _ in range(args.warmup + 1):
         step()
     sync()
     rate, steps = benchlib.chunked_rate(step, sync, batch_size, args.seconds, args.chunk)
-    out = {"ex_per_s": rate, "steps": steps, "final_loss": float(step()),
-           "torch": torch.__version__, "attn": getattr(tcfg, "_attn_implementation", None)}
-    return out
+    return {"ex_per_s": rate, "steps": steps, "final_loss": float(step()),
+            "torch": torch.__version__, "attn": getattr(tcfg, "_attn_implementation", None)}
 
 
 def main() -> None:
@@ -194,8 +185,7 @@ def main() -> None:
         for k, r in table.items():  # ratios against PyTorch at the same batch, once both exist
             if k.startswith(f"b{batch_size}_jax_") and torch_rate and "ex_per_s" in r:
                 r["ratio_vs_torch"] = r["ex_per_s"] / torch_rate
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        benchlib.write_json(out, result)
     print(json.dumps(result["summary"], indent=1), f"\nwrote {out}", flush=True)
     bad = [k for k, v in result["variants"].items()
            if "final_loss" in v and not math.isfinite(v["final_loss"])]

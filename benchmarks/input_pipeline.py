@@ -1,10 +1,9 @@
 """Input-pipeline throughput on real MNRE text, against what the MiniLM-L6 train step consumes.
 
 Batches/s of ``make_train_iterator`` (batch 32, max_len 80, typed markers, buckets 32/48/64/80) on
-``mnre_train.txt``, median of 5 repeats: text only; images as the folder has them (missing ones
-give zeros); every sample pointed at one of its JPEGs (the decode cost of a full ``img_org/``
-through ``SampleSource``; TFDS stores images resized). The text-table build is reported apart;
-the step's examples/s comes from ``--train-step-json`` (``summary.jax_ex_per_s``).
+``mnre_train.txt``, median of 5 repeats: text only; images as the folder has them; every sample
+pointed at one of its JPEGs (the decode cost of a full ``img_org/``). The step's examples/s comes
+from ``--train-step-json`` (``summary.jax_ex_per_s``).
 
     ROC_MNRE_DIR=/path/to/mnre python benchmarks/input_pipeline.py [--train-step-json FILE]
 """
@@ -16,14 +15,12 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 import benchlib  # noqa: E402
 
@@ -61,9 +58,8 @@ def pipeline_figures(mnre_dir: Path) -> dict:
     full = P.SampleSource([dataclasses.replace(s, image_path=jpegs[i % len(jpegs)])
                            for i, s in enumerate(samples)], rel2id, spec.image_size)
 
-    start = time.perf_counter()
-    table = P.build_text_table(source, MarkerTokenizer(tokenizer, max_len=MAX_LEN))
-    build_s = time.perf_counter() - start
+    table, build_s = benchlib.timed(lambda: P.build_text_table(source, MarkerTokenizer(
+        tokenizer, max_len=MAX_LEN)))
     buckets = np.asarray((32, 48, 64, 80))
     values, counts = np.unique(buckets[np.searchsorted(buckets, table.lengths)], return_counts=True)
     histogram = {str(b): int(c) for b, c in zip(values, counts, strict=True)}
@@ -117,8 +113,7 @@ def main() -> None:
     rates = {name: r["batches_per_s"] for name, r in figures["settings"].items()}
     figures["summary"] = {"batches_per_s": rates, "train_step_batches_per_s": consumed,
                           "ratio_vs_train_step": rates["text_only"] / consumed}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    benchlib.write_json(Path(args.out), figures, indent=2)
     print(json.dumps(figures["summary"], indent=2))
 
 

@@ -1,22 +1,17 @@
 """Real MNRE-2 quality: ROC against the classification head on the same encoder, and ablations.
 
 Every run is ``train.py --config configs/mnre.py:offline`` (MiniLM-L6 + DINOv2-S/14, MNRE-2
-train, dev = val) in its own process with its setting's overrides and a seed; its figures are its
-best dev evaluation's (val micro-F1 without ``None``). Results accumulate in
-``benchmarks/results/mnre_quality.json``, one entry per setting, seed and budget (never rerun);
-the ``summary`` is recomputed from every entry.
+train, dev = val) in its own process with a seed and the overrides of its setting (``SETTINGS``:
+``roc``, ``cls`` and the ablations; ``RETIRED`` ones keep the commit of their code) and protocol
+(``PROTOCOLS``: ``full``, ``low_resource``, ``zero_shot``); its figures are its best dev
+evaluation's (val micro-F1 without ``None``). Results accumulate in
+``benchmarks/results/mnre_quality.json``, one entry per setting, seed and budget (the epochs plus
+the ``--set`` and protocol overrides; never rerun), with a ``summary`` over every entry whose
+headline is the full-data budget with the most seeds of both heads. See docs/results.md.
 
-    python benchmarks/mnre_quality.py --data_dir ../shared/data/mnre --runs roc:0,cls:0
+    python benchmarks/mnre_quality.py --data_dir /path/to/mnre --runs roc:0,cls:0
     python benchmarks/mnre_quality.py --runs all --set train.lr_encoder=5e-5   # 3 seeds + ablations
     python benchmarks/mnre_quality.py --protocol low_resource --epochs 10 --runs roc:0 --jobs 4
-
-A *budget* is the epochs plus the ``--set`` and protocol overrides; the headline is the full-data
-budget with the most seeds of both heads (then the higher ROC mean). ``PROTOCOLS``: ``full``,
-``low_resource`` (a fixed seeded 10 % of train), ``zero_shot`` (``UNSEEN_RELATIONS`` left out of
-training; F1 on their val samples and on the rest, next to ``roc`` on all relations).
-``SETTINGS``: ``roc`` (shipped descriptions, K=5), ``cls`` (softmax head), the ablations
-``roc_untyped``, ``roc_label_names`` (K=1, the label path), ``roc_one_description`` (K=1),
-``roc_trained_descriptions``, ``roc_no_images``; ``RETIRED`` ones keep their last commit.
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from benchlib import machine
+from benchlib import machine, write_json
 
 from roc_jax.metrics import subset_prf
 
@@ -107,7 +102,7 @@ def best_dev(workdir: Path) -> dict[str, Any]:
 
 
 def dev_curve(workdir: Path) -> dict[str, float]:
-    """``{step: val micro-F1 in percent}`` of every dev evaluation of the run (the learning curve)."""
+    """``{step: val micro-F1 in percent}`` of every dev evaluation (the learning curve)."""
     return {str(r["step"]): 100 * r["f1"]
             for r in sorted(_dev_reports(workdir), key=lambda r: r["step"])}
 
@@ -305,7 +300,7 @@ def parse_runs(spec: str) -> list[tuple[str, int]]:
     return runs
 
 
-def _parser() -> argparse.ArgumentParser:
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     env_data = os.environ.get("ROC_DATA_DIR") or os.environ.get("ROC_MNRE_DIR", "")
     for flag, default, help_ in (
@@ -324,11 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=RESULTS, help="the results file to update")
     p.add_argument("--merge", type=Path, help="add another results file's new entries, and exit")
     p.add_argument("--table", action="store_true", help="print the README table, and exit")
-    return p
-
-
-def main() -> None:
-    args = _parser().parse_args()
+    args = p.parse_args()
     if args.table:
         return print(markdown_table(json.loads(args.results.read_text())))
     if args.merge:
@@ -401,9 +392,7 @@ def merge_results(other: Path, path: Path = RESULTS) -> list[dict[str, Any]]:
 def write_results(entries: list[dict[str, Any]], path: Path = RESULTS) -> None:
     """Atomically rewrites the results file: every entry and the summary over them."""
     result = {"benchmark": "mnre_quality", "summary": summarize(entries), "runs": entries}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json.tmp").write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(path.with_suffix(".json.tmp"), path)
+    write_json(path, result)
     print(json.dumps(result["summary"], indent=1), flush=True)
 
 

@@ -1,13 +1,12 @@
 """Robustness: trained workdirs evaluated on MNRE-2 val clean and under every perturbation.
 
-    python benchmarks/robustness.py --data_dir ../shared/data/mnre \\
-        --workdirs runs/roc_s0,runs/cls_s0,runs/roc_s1,runs/cls_s1
+Variants (``roc_jax.robustness.model_variants``): clean, each perturbation (the same seeded copy
+for every model) and, for ROC, the paraphrase descriptions and K=1. Runs accumulate in
+``benchmarks/results/robustness.json`` (one per workdir and variant, never rerun: add workdirs as
+they finish); the ``summary`` (``roc_mean_drop``, ``cls_mean_drop``: points, over the
+perturbations both heads have) is recomputed each time.
 
-Variants (``roc_jax.robustness.model_variants``): clean, each of ``PERTURBATIONS`` (the same
-seeded copy for every model) and, for ROC, the paraphrase descriptions and K=1. Runs accumulate
-in ``benchmarks/results/robustness.json`` (one per workdir and variant, never rerun: add workdirs
-as they finish); the per variant and head figures and the ``summary`` (``roc_mean_drop``,
-``cls_mean_drop``: points, over the perturbations both heads have) are recomputed each time.
+    python benchmarks/robustness.py --data_dir /path/to/mnre --workdirs runs/roc_s0,runs/cls_s0
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from benchlib import machine
+import benchlib
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAPHRASE = ROOT / "roc_jax" / "labels" / "data" / "mnre_descriptions_paraphrase.json"
@@ -59,12 +58,10 @@ def main() -> None:
             print(f"{workdir} {name}: F1 {runs[-1]['f1']:.2f} ({info['changed']} samples "
                   f"changed, {time.time() - t0:.0f} s)", flush=True)
             report = robustness.summarize(runs)
-            report["summary"]["machine"] = machine()
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            args.results.write_text(json.dumps(
-                {"benchmark": "robustness", "split": args.split,
-                 "perturbation_seed": args.perturbation_seed, **report, "runs": runs},
-                indent=1) + "\n")
+            report["summary"]["machine"] = benchlib.machine()
+            benchlib.write_json(args.results, {"benchmark": "robustness", "split": args.split,
+                                               "perturbation_seed": args.perturbation_seed,
+                                               **report, "runs": runs})
     summary = robustness.summarize(runs)["summary"]
     print(f"mean drop: ROC {summary['roc_mean_drop']}, classification {summary['cls_mean_drop']}")
 

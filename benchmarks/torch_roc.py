@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.bert.modeling_bert import BertLayer
 
 
 class TorchROC(nn.Module):
@@ -24,13 +25,9 @@ class TorchROC(nn.Module):
                  proj_dim: int = 256, temperature_init: float = 0.07,
                  pair_gelu: str = "none"):
         super().__init__()
-        # "tanh" matches roc_jax's pair MLP (jax.nn.gelu's default) for the parity check.
-        self.pair_gelu = pair_gelu
-        from transformers.models.bert.modeling_bert import BertLayer
-
+        # pair_gelu "tanh" matches roc_jax's pair MLP (jax.nn.gelu's default) for the parity check.
+        self.text, self.vision, self.pair_gelu = text, vision, pair_gelu
         d = text_config.hidden_size
-        self.text = text
-        self.vision = vision
         if vision is not None:
             self.image_proj = nn.Linear(vision_dim, d)
             self.image_type = nn.Parameter(torch.zeros(d))

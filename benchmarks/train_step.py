@@ -1,16 +1,11 @@
 """CPU throughput of the full ROC train step: JAX next to PyTorch, and next to the hardware's limit.
 
-Parts (``--parts``; each replaces its section of ``--out``, the file's others stay): ``matmul``,
-XLA's float32 ``2048^3`` product; ``text``, the minilm-l6 text-only train step (the library's
-jitted step) at batch 32 x 64, real weights, synthetic batch and descriptions, against the same
-model in PyTorch (``torch_roc.TorchROC``, same weights); ``multimodal``, the same with the
-dinov2-s14-offline tower at ``--image-size`` px; ``profile``, a ``jax.profiler`` trace of both,
-the XLA ops' time by kind and phase, in ``benchmarks/profiles/*_train_step.txt``.
-
-Each framework runs in its own fresh processes, alternating for ``--rounds`` rounds, JAX on 2 MiB
-pages (as ``make train``), PyTorch on glibc's defaults (its faster setting). MFU = the FLOPs per
-example that side computes x examples/s / the matmul probe's FLOP/s, the probe alternating with
-the JAX step. Method and figures: docs/performance.md.
+Parts (``--parts``; each replaces its section of ``--out``): ``matmul``, XLA's float32 ``2048^3``
+product (the MFU denominator); ``text``, the minilm-l6 train step at batch 32 x 64 (real weights,
+synthetic batch and descriptions) against ``torch_roc.TorchROC`` with the same weights;
+``multimodal``, the same with the dinov2-s14-offline tower at ``--image-size`` px; ``profile``,
+the XLA ops' time by kind and phase in ``benchmarks/profiles/*_train_step.txt``. Each framework
+runs in its own fresh processes, alternating for ``--rounds`` rounds (docs/performance.md).
 
     python benchmarks/train_step.py [--parts text,profile] [--rounds 3]
 """
@@ -18,7 +13,6 @@ the JAX step. Method and figures: docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import functools
 import json
@@ -34,7 +28,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 
@@ -43,8 +36,6 @@ PROFILES = ROOT / "benchmarks" / "profiles"
 BATCH, LENGTH, FUSION, PROJ = 32, 64, 2, 256
 # Each framework's processes run on its faster host-memory setting (docs/performance.md).
 PROCESS_ENV = {"jax": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "torch": {"GLIBC_TUNABLES": ""}}
-
-
 RELATIONS = benchlib.synthetic_relations()  # 23 MNRE relations x 5 descriptions, MiniLM's width
 
 
@@ -139,9 +130,8 @@ def side_child(args: argparse.Namespace) -> None:
         out["attn"] = tmodel.text.config._attn_implementation
     else:
         fns["jax"] = benchlib.jax_train_step(model, batch, RELATIONS, jax.devices()[:1])[0]
-        t0 = time.perf_counter()
-        jax.block_until_ready(fns["jax"]())
-        out["compile_and_first_step_s"] = time.perf_counter() - t0
+        out["compile_and_first_step_s"] = benchlib.timed(lambda: jax.block_until_ready(
+            fns["jax"]()))[1]
         fns["matmul"] = benchlib.matmul_probe(args.matmul)[0]
 
     def sync(x: Any) -> Any:
@@ -160,8 +150,8 @@ def side_child(args: argparse.Namespace) -> None:
 def child(args: argparse.Namespace, side: str, image_size: int) -> dict[str, Any]:
     """Runs ``side_child`` in a fresh process; returns the JSON line it prints."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--image-size",
-           str(image_size), "--repeats", str(args.repeats), "--iters", str(args.iters),
-           "--warmup", str(args.warmup), "--matmul", str(args.matmul)]
+           str(image_size), *(f"--{k}={getattr(args, k)}" for k in ("repeats", "iters", "warmup",
+                                                                    "matmul"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=1800,
                           env={**os.environ, **PROCESS_ENV[side]})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -188,10 +178,9 @@ def compare(name: str, image_size: int, args: argparse.Namespace) -> dict[str, A
     res["mfu_denominator_flops_per_s"] = peak = 2.0 * args.matmul**3 / statistics.median(
         t for c in runs["jax"] for t in c["blocks"]["matmul"])
     for side, children in runs.items():
-        res[side] = benchlib.rate_summary([t for c in children for t in c["blocks"][side]], BATCH)
-        for key in ("minor_faults", "sys_s"):
-            res[side][f"{key}_per_step"] = statistics.median(v for c in children
-                                                             for v in c["usage"][key])
+        usage = {k: [v for c in children for v in c["usage"][k]] for k in ("minor_faults", "sys_s")}
+        res[side] = benchlib.rate_summary([t for c in children for t in c["blocks"][side]], BATCH,
+                                          usage, per="step")
         res[side]["final_loss"] = children[-1]["final_loss"]
         res[side]["mfu"] = flops[side] * res[side]["ex_per_s"] / peak
     res["ratio_vs_torch"] = res["jax"]["ex_per_s"] / res["torch"]["ex_per_s"]
@@ -212,13 +201,8 @@ def profile(image_size: int, out_txt: Path, steps: int = 2) -> dict[str, Any]:
     trainer = js["trainer"]
     jax.block_until_ready(step())  # compile
     hlo = trainer.jit_train.lower(js["state"], js["batch"], js["rel"], trainer.rest).compile()
-    wall, events = benchlib.traced_op_times(hlo.as_text(), step, steps)
-    by_cat, by_phase, by_op = (collections.Counter() for _ in range(3))
-    for name, op, ns in events:
-        cat, phase = benchlib.op_category(op)
-        by_cat[cat] += ns
-        by_phase[phase] += ns
-        by_op[(name, op)] += ns
+    wall, sums = benchlib.traced_op_times(hlo.as_text(), step, steps)
+    by_cat, by_phase, by_op = sums["category"], sums["phase"], sums["op"]
     total = sum(by_cat.values())
     kind = f"multimodal (DINOv2-S/14 at {image_size} px)" if image_size else "text"
     lines = [f"JAX {kind} train step (minilm-l6, batch {BATCH} x {LENGTH}), jax.profiler trace "
@@ -237,16 +221,14 @@ def profile(image_size: int, out_txt: Path, steps: int = 2) -> dict[str, Any]:
             "summary_file": str(out_txt.relative_to(ROOT))}
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"a subset of {','.join(PARTS)}")
-    ap.add_argument("--rounds", type=int, default=3, help="JAX and PyTorch processes each")
-    ap.add_argument("--repeats", type=int, default=5, help="timed blocks per process")
-    ap.add_argument("--iters", type=int, default=1, help="steps per timed block")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--image-size", type=int, default=112)
-    ap.add_argument("--matmul", type=int, default=2048, help="side of the matmul probe")
+    for flag, default, help_ in (("rounds", 3, "JAX and PyTorch processes each"),
+                                 ("repeats", 5, "timed blocks per process"),
+                                 ("iters", 1, "steps per timed block"), ("warmup", 1, None),
+                                 ("image-size", 112, None), ("matmul", 2048, "matmul probe side")):
+        ap.add_argument(f"--{flag}", type=int, default=default, help=help_)
     ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # a child
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
     args = ap.parse_args()
@@ -273,8 +255,7 @@ def main() -> None:
                          "ratio_vs_torch"), "mfu": t.get("mfu"), "mm_ratio_vs_torch": m.get(
                          "ratio_vs_torch"), "mm_mfu": m.get("mfu")}
     print(json.dumps(result["summary"], indent=1), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    benchlib.write_json(out, result)
     print(f"wrote {out}")
     for sec in ("text", "multimodal"):
         if sec in parts:
