@@ -8,6 +8,7 @@ functions run in alternating blocks (``time_interleaved``) and each figure is th
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -35,18 +36,16 @@ def machine() -> dict[str, Any]:
     """CPU model (``/proc/cpuinfo``), SIMD units, cores, memory, load, GPUs, library versions."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count()}
-    try:
+    with contextlib.suppress(OSError):  # no /proc: not Linux
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        models = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        info["cpu_model"] = models[0] if models else platform.processor()
+        info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in lines
+                                  if ln.startswith("model name")), platform.processor())
         flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
         # The vector units decide the float32 peak: AVX-512 doubles AVX2's FLOPs per cycle.
         info["simd"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
                         if f in flags]
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
         info["memory_gib"] = round(int(mem[1]) / 2**20, 1)
-    except OSError:
-        pass
     info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     if shutil.which("nvidia-smi"):
         info["gpus"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -209,8 +208,7 @@ def synthetic_batch(batch: int, seq: int, image_size: int = 0, relations: int = 
     lengths = rng.integers(seq // 2, seq + 1, size=batch)
     mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
     out = {
-        "input_ids": np.where(mask, rng.integers(1000, 30000, size=(batch, seq)), 0).astype(
-            np.int32),
+        "input_ids": np.where(mask, rng.integers(1000, 30000, (batch, seq)), 0).astype(np.int32),
         "attention_mask": mask,
         "head_index": rng.integers(1, seq // 4, size=batch).astype(np.int32),
         "tail_index": rng.integers(seq // 4, seq // 2, size=batch).astype(np.int32),

@@ -65,8 +65,8 @@ def run_jax(args, batch_size: int, dtype_name: str, attention: str) -> dict:
     dtype = {"bf16": jnp.bfloat16, "f32": jnp.float32}[dtype_name]
     tcfg, vcfg = BertConfig.from_hf(text), ViTConfig.from_hf(vision)
     if attention != "einsum":  # the fused kernel has no attention-probability dropout
-        tcfg = dataclasses.replace(tcfg, attention_impl=attention, attention_probs_dropout_prob=0.0)
-        vcfg = dataclasses.replace(vcfg, attention_impl=attention, attention_probs_dropout_prob=0.0)
+        tcfg, vcfg = (dataclasses.replace(c, attention_impl=attention,
+                                          attention_probs_dropout_prob=0.0) for c in (tcfg, vcfg))
     rngs = nnx.Rngs(params=0, dropout=1)
     model = ROC(ROCConfig(num_relations=R, description_dim=tcfg.hidden_size, fusion_layers=FUSION,
                           proj_dim=PROJ, skip_vision_without_images=False),
@@ -116,13 +116,11 @@ def run_torch(args, batch_size: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default=",".join(RUNS), help="variants, in order (see above)")
-    ap.add_argument("--seconds", type=float, default=12.0, help="timed seconds per variant")
-    ap.add_argument("--seq", type=int, default=80)
-    ap.add_argument("--chunk", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--matmul", type=int, default=8192, help="side of the bf16 matmul probe")
-    ap.add_argument("--budget", type=float, default=480.0,
-                    help="skip variants that would end after this many seconds")
+    for flag, default, help_ in (
+            ("seconds", 12.0, "timed seconds per variant"), ("seq", 80, None), ("chunk", 10, None),
+            ("warmup", 2, None), ("matmul", 8192, "side of the bf16 matmul probe"),
+            ("budget", 480.0, "skip variants that would end after this many seconds")):
+        ap.add_argument(f"--{flag}", type=type(default), default=default, help=help_)
     ap.add_argument("--tiny", action="store_true", help="a tiny model: CPU smoke test")
     ap.add_argument("--out", default="benchmarks/results/",
                     help="a file, or a folder ending in '/' (then gpu-<card>.json in it)")
@@ -131,8 +129,8 @@ def main() -> None:
     import jax
 
     # The text and vision config dicts (HF config.json style) of the benchmarked model.
-    text, vision = args.model = ({**TEXT, **TINY}, {**VISION, **TINY}) if args.tiny else (TEXT,
-                                                                                          VISION)
+    tiny = TINY if args.tiny else {}
+    text, vision = args.model = {**TEXT, **tiny}, {**VISION, **tiny}
     device_kind = jax.devices()[0].device_kind
     card = next((k for k in PEAK_BF16 if k in device_kind), None)
     out = Path(args.out) / f"gpu-{(card or device_kind).lower().replace(' ', '-')}.json" \

@@ -34,8 +34,8 @@ def time_batches(it, n: int, repeats: int = 5, warmup: int = 5) -> dict:
         next(it)
     secs = benchlib.time_interleaved({"it": lambda: next(it)}, repeats, n)["it"]
     it.close()
-    r = benchlib.rate_summary(secs, 1)  # per call = per batch
-    return {"batches_per_repeat": n, "batches_per_s": r["ex_per_s"], "s_per_batch": secs}
+    return {"batches_per_repeat": n, "batches_per_s": benchlib.rate_summary(secs, 1)["ex_per_s"],
+            "s_per_batch": secs}  # a call is a batch
 
 
 def pipeline_figures(mnre_dir: Path) -> dict:
@@ -75,19 +75,14 @@ def pipeline_figures(mnre_dir: Path) -> dict:
         "settings": {},
     }
     shard = grain.sharding.ShardOptions(0, 1)
-    settings = [
-        ("text_only", source, P.PipelineConfig(max_len=MAX_LEN), 2000),
-        ("images_as_available", source, P.PipelineConfig(
-            max_len=MAX_LEN, use_images=True, image_spec=spec), 40),
-        ("images_all_present_jpeg_decode", full, P.PipelineConfig(
-            max_len=MAX_LEN, use_images=True, image_spec=spec), 8),
-    ]
-    for name, src, cfg, n in settings:
+    images = P.PipelineConfig(max_len=MAX_LEN, use_images=True, image_spec=spec)
+    for name, src, cfg, n in (("text_only", source, P.PipelineConfig(max_len=MAX_LEN), 2000),
+                              ("images_as_available", source, images, 40),
+                              ("images_all_present_jpeg_decode", full, images, 8)):
         figures = time_batches(P.make_train_iterator(src, tokenizer, cfg, seed=0,
                                                      batch_size=BATCH, shard_options=shard), n)
-        figures["config"] = {"num_threads": cfg.num_threads, "num_workers": cfg.num_workers,
-                             "prefetch_buffer_size": cfg.prefetch_buffer_size,
-                             "use_images": cfg.use_images}
+        figures["config"] = {k: getattr(cfg, k) for k in ("num_threads", "num_workers",
+                                                          "prefetch_buffer_size", "use_images")}
         out["settings"][name] = figures
         print(name, json.dumps(figures), flush=True)
     return out

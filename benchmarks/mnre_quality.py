@@ -294,9 +294,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 def parse_runs(spec: str) -> list[tuple[str, int]]:
     runs = list(ALL_RUNS) if spec == "all" else [
         (item.partition(":")[0], int(item.partition(":")[2] or 0)) for item in spec.split(",")]
-    for setting, _ in runs:
-        if setting not in SETTINGS:
-            raise SystemExit(f"--runs: unknown setting {setting!r} (known: {sorted(SETTINGS)})")
+    if bad := [setting for setting, _ in runs if setting not in SETTINGS]:
+        raise SystemExit(f"--runs: unknown setting {bad[0]!r} (known: {sorted(SETTINGS)})")
     return runs
 
 

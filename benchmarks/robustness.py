@@ -42,10 +42,9 @@ def main() -> None:
     for workdir in args.workdirs.split(","):
         loaded = roc_jax.load(workdir, data_dir=args.data_dir)
         c = loaded.config
-        if (c.data.raw_dir, c.data.entity_types) not in read:  # read and typed once for all
-            read[c.data.raw_dir, c.data.entity_types] = {
-                s: robustness.read_split(c, s) for s in (args.split, "train")}
-        splits = read[c.data.raw_dir, c.data.entity_types]
+        if (key := (c.data.raw_dir, c.data.entity_types)) not in read:  # read and typed once
+            read[key] = {s: robustness.read_split(c, s) for s in (args.split, "train")}
+        splits = read[key]
         for name, perturbation, descriptions in robustness.model_variants(loaded, args.paraphrase):
             if any((r["workdir"], r["variant"]) == (workdir, name) for r in runs):
                 continue

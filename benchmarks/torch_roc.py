@@ -71,8 +71,7 @@ def make_train_step(model: TorchROC, lr: float = 1e-5, *, bf16: bool = False):
     def step(batch: dict[str, torch.Tensor], rel_emb: torch.Tensor,
              rel_mask: torch.Tensor) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        device_type = "cuda" if rel_emb.is_cuda else "cpu"
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(rel_emb.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch, rel_emb, rel_mask)
         loss = F.cross_entropy(logits.float(), batch["label"])
         loss.backward()

@@ -48,9 +48,8 @@ def build_roc(image: bool, seed: int = 0) -> tuple[Any, Any, Any]:
 
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
     text, _, tcfg = weights.load_text_encoder("minilm-l6", rngs=rngs)
-    vision, vcfg = None, None
-    if image:
-        vision, _, vcfg = weights.load_image_encoder("dinov2-s14-offline", rngs=rngs)
+    vision, _, vcfg = (weights.load_image_encoder("dinov2-s14-offline", rngs=rngs) if image
+                       else (None, None, None))
     r, _, dim = RELATIONS["embeddings"].shape
     cfg = ROCConfig(num_relations=r, description_dim=dim, fusion_layers=FUSION, proj_dim=PROJ,
                     skip_vision_without_images=False)
@@ -134,14 +133,11 @@ def side_child(args: argparse.Namespace) -> None:
             fns["jax"]()))[1]
         fns["matmul"] = benchlib.matmul_probe(args.matmul)[0]
 
-    def sync(x: Any) -> Any:
-        return jax.block_until_ready(x) if isinstance(x, jax.Array) else x
-
+    sync = jax.block_until_ready  # passes other leaves (PyTorch's loss) through
     for _ in range(args.warmup):
         for fn in fns.values():
             sync(fn())
-    usage: dict[str, dict[str, list[float]]] = {}
-    out["blocks"] = benchlib.time_interleaved(fns, args.repeats, args.iters, sync, usage)
+    out["blocks"] = benchlib.time_interleaved(fns, args.repeats, args.iters, sync, (usage := {}))
     out["usage"] = usage[args.side]
     out["final_loss"] = float(fns[args.side]())
     print(json.dumps(out, default=float), flush=True)
@@ -232,9 +228,8 @@ def main() -> None:
     ap.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # a child
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_step.json"))
     args = ap.parse_args()
-    if args.side:
-        side_child(args)
-        return
+    if args.side:  # a child process of compare()
+        return side_child(args)
     parts = [p for p in args.parts.split(",") if p]
     if set(parts) - set(PARTS):
         raise SystemExit(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; known: {PARTS}")
@@ -250,16 +245,14 @@ def main() -> None:
         result[part] = {**runs[part](), "setting": vars(args), "machine": host,
                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t, m = result.get("text", {}), result.get("multimodal", {})
-    result["summary"] = {"jax_ex_per_s": t.get("jax", {}).get("ex_per_s"), "torch_ex_per_s":
-                         t.get("torch", {}).get("ex_per_s"), "ratio_vs_torch": t.get(
-                         "ratio_vs_torch"), "mfu": t.get("mfu"), "mm_ratio_vs_torch": m.get(
-                         "ratio_vs_torch"), "mm_mfu": m.get("mfu")}
+    result["summary"] = {f"{s}_ex_per_s": t.get(s, {}).get("ex_per_s") for s in ("jax", "torch")}
+    result["summary"] |= {"ratio_vs_torch": t.get("ratio_vs_torch"), "mfu": t.get("mfu"),
+                          "mm_ratio_vs_torch": m.get("ratio_vs_torch"), "mm_mfu": m.get("mfu")}
     print(json.dumps(result["summary"], indent=1), flush=True)
     benchlib.write_json(out, result)
     print(f"wrote {out}")
-    for sec in ("text", "multimodal"):
-        if sec in parts:
-            assert all(np.isfinite(result[sec][s]["final_loss"]) for s in ("jax", "torch")), sec
+    for sec in {"text", "multimodal"} & set(parts):
+        assert all(np.isfinite(result[sec][s]["final_loss"]) for s in ("jax", "torch")), sec
 
 
 if __name__ == "__main__":
