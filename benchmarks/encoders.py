@@ -3,6 +3,7 @@ float32, CPU, batch ``--batch`` x 64), and MNRE-2 val (text only, ``--mnre``) ev
 library (``train_lib.evaluate`` over its eval batches) vs ``torch_roc.TorchROC`` with the same
 weights on the same batches. The sides' blocks alternate in one process; a figure is the median
 block. ``--profile``: the forward's XLA op time by kind in ``profiles/encoder_forward.txt``.
+``dense_products``: each dense product of the forward alone (XLA vs ``torch.nn.functional.linear``).
 
     python benchmarks/encoders.py --mnre DIR [--repeats 9] [--iters 5] [--eval-repeats 3]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 from pathlib import Path
 
 import benchlib
@@ -34,6 +36,26 @@ def profile(fn, args: tuple, title: str, steps: int = 5) -> None:
     PROFILE.write_text("\n".join([f"{title}: {steps} calls, wall {wall * 1e3:.0f} ms/call, XLA op "
                                   f"time over threads {t / 1e6:.0f} ms/call; by kind, then top 20 "
                                   "ops:", *(f"  {v / t:6.1%}  {k}" for k, v in rows)]) + "\n")
+
+
+def dense_products(tokens: int, repeats: int, iters: int) -> dict:
+    """GFLOP/s of the forward's three dense shapes ``[tokens, K] . [K, N] + b``, both sides."""
+    import torch
+    import torch.nn.functional as F
+
+    out, f = {}, jax.jit(lambda x, w, b: x @ w + b)
+    for k, n in ((384, 1536), (1536, 384), (384, 384)):
+        x = np.random.default_rng(0).standard_normal((tokens, k), np.float32)
+        w = np.random.default_rng(1).standard_normal((k, n), np.float32)
+        j = jnp.asarray(x), jnp.asarray(w), jnp.zeros(n)
+        t = torch.from_numpy(x), torch.from_numpy(w.T.copy()), torch.zeros(n)
+        fns = {"jax": lambda j=j: f(*j).block_until_ready(), "torch": lambda t=t: F.linear(*t)}
+        with torch.inference_mode():
+            benchlib.time_interleaved(fns, 1, 1)  # compile and warm up both sides
+            blocks = benchlib.time_interleaved(fns, repeats, iters)
+        out[f"{k}x{n}"] = {side: round(2 * tokens * k * n / statistics.median(v) / 1e9, 1)
+                           for side, v in blocks.items()}
+    return {"tokens": tokens, "unit": "GFLOP/s", **out}
 
 
 def mnre_eval(data_dir: str, batch_size: int, repeats: int) -> dict:
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": {"num_threads": torch.get_num_threads(),
                   "attn_implementation": pt.config._attn_implementation, **torch_r},
         "max_abs_diff_last_hidden_state": max_diff, **({"note": args.note} if args.note else {}),
+        "dense_products": dense_products(args.batch * LENGTH, args.repeats, args.iters),
         "summary": {"jax_ex_per_s": round(jax_r["ex_per_s"], 1),
                     "torch_ex_per_s": round(torch_r["ex_per_s"], 1),
                     "ratio_vs_torch": round(jax_r["ex_per_s"] / torch_r["ex_per_s"], 3)},
