@@ -1,5 +1,6 @@
 """The checkpoint's items: eval and predict read the parameters only, never the optimizer state;
-a checkpoint of format 1 (the whole train state in one ``state`` item) still loads.
+a checkpoint of format 1 (the whole train state in one ``state`` item) still loads. The eval.py and
+predict.py processes here are the suite's end-to-end runs of those two commands.
 
 The workdirs are copies of the session's ``trained`` run (conftest.py), damaged or rewritten in
 ``tmp_path``; the reference is ``roc_jax.load`` of the untouched run.
@@ -16,7 +17,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from roc_testutil import REPO
+from roc_testutil import REPO, metrics_rows
 
 import roc_jax
 from roc_jax import checkpoint as ckpt
@@ -61,13 +62,24 @@ def _run(script, *args, cwd):
     return proc
 
 
-def test_eval_and_predict_cli_without_optimizer_state(without_optimizer, reference, tmp_path):
-    proc = _run("eval.py", f"--workdir={without_optimizer}", f"--output_dir={tmp_path}",
-                cwd=tmp_path)
+def test_eval_and_predict_cli_without_optimizer_state(without_optimizer, reference, trained,
+                                                      trained_result, tmp_path):
+    """eval.py and predict.py in new processes, on the trained run without its optimizer state:
+    the best checkpoint's metrics, identical to the training loop's dev metrics of that step and
+    to ``roc_jax.load``'s; predict.py's JSON ranks as ``roc_jax.load(...).predict`` does."""
+    proc = _run("eval.py", f"--workdir={without_optimizer}", "--checkpoint=best",
+                f"--output_dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "metrics_val.json").read_text())
-    assert got["step"] == reference["step"]
+    best = trained_result["best_step"]
+    assert got["step"] == reference["step"] == best
     _same_metrics(got, reference["val"])
+    dev = {r["step"]: r for r in metrics_rows(trained[0]) if "dev/f1" in r}
+    for key in ("precision", "recall", "f1", "accuracy"):
+        assert got[key] == dev[best][f"dev/{key}"], key  # identical, not merely close
+    assert got["num_examples"] == 16  # every val sample once, padding excluded
+    assert (tmp_path / "confusion_val.png").stat().st_size > 0
+    assert "micro (without None)" in proc.stdout
     proc = _run("predict.py", f"--workdir={without_optimizer}", f"--text={SENTENCE}",
                 "--top_k=3", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

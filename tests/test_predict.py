@@ -1,13 +1,9 @@
-"""roc_jax.load / roc_jax.predict / predict.py on the tiny model trained on fixture data."""
+"""roc_jax.load / roc_jax.predict on the tiny model trained on fixture data (predict.py in a new
+process, against ``roc_jax.load(...).predict``, is in test_checkpoint_layout.py)."""
 
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from roc_testutil import REPO
 
 import roc_jax
 from roc_jax import inference
@@ -74,16 +70,3 @@ def test_bad_spans_are_rejected(loaded):
     with pytest.raises(ValueError, match="head span .* is outside the 3 tokens"):
         loaded.predict(["a", "b", "c"], head=(2, 5), tail=(0, 1))
 
-
-def test_predict_cli_json(loaded, workdir, tmp_path):
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "predict.py"), f"--workdir={workdir}", f"--text={SENTENCE}",
-         "--top_k=2", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout[proc.stdout.index("["):])
-    expected = loaded.predict(SENTENCE, top_k=2)
-    assert [r["relation"] for r in out] == [r["relation"] for r in expected]
-    np.testing.assert_allclose([r["score"] for r in out], [r["score"] for r in expected],
-                               rtol=1e-5)
