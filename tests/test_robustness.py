@@ -222,7 +222,9 @@ def test_classification_explain_has_no_description(tmp_path_factory):
 
     data = write_mnre_fixture(tmp_path_factory.mktemp("cls_data"))
     workdir = tmp_path_factory.mktemp("cls_run")
-    train_lib.train_and_evaluate(tiny_config(data, "text,classification"), workdir)
+    config = tiny_config(data, "text,classification")
+    config.num_epochs = 1  # a checkpoint with dev metrics is all this test needs
+    train_lib.train_and_evaluate(config, workdir)
     cls = roc_jax.load(workdir)
     ev, _ = robustness.evaluate_variant(cls, "val", "untyped")
     rows = explain.explain_rows(ev)
