@@ -1,7 +1,6 @@
 """roc_jax.load / roc_jax.predict on the tiny model trained on fixture data (predict.py in a new
 process, against ``roc_jax.load(...).predict``, is in test_checkpoint_layout.py)."""
 
-
 import numpy as np
 import pytest
 
@@ -69,4 +68,3 @@ def test_extra_descriptions_add_unseen_relations(loaded):
 def test_bad_spans_are_rejected(loaded):
     with pytest.raises(ValueError, match="head span .* is outside the 3 tokens"):
         loaded.predict(["a", "b", "c"], head=(2, 5), tail=(0, 1))
-
