@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from absl import app, flags
@@ -149,11 +150,20 @@ def _load_or_exit(workdir: str, checkpoint: str, **kwargs):
     try:
         loaded = inference.load(workdir, checkpoint=checkpoint, **kwargs)
     except ckpt.UnreadableCheckpoint as e:
-        sys.exit(f"error: {e}; choose one with --checkpoint N")
+        _exit_after_failed_read(f"error: {e}; choose one with --checkpoint N")
     except ckpt.CheckpointError as e:
-        sys.exit(f"error: {e}")
+        _exit_after_failed_read(f"error: {e}")
     sys.unraisablehook = previous
     return loaded
+
+
+def _exit_after_failed_read(message: str) -> None:
+    """``sys.exit(message)``, the message the last line: the reads that orbax abandoned leave
+    coroutines never awaited, and Python warns of each (``RuntimeWarning: coroutine ... was never
+    awaited``) when it collects them at exit. The unraisable-hook filter stays installed too."""
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
+    sys.exit(message)
 
 
 def _without_closed_loop_noise(hook):
