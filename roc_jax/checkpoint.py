@@ -163,8 +163,7 @@ def check_meta(meta: Mapping[str, Any], *, config: Any | None, label_names: Sequ
     if config is not None:
         mine = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         mine = json.loads(json.dumps(mine, default=_json_default))
-        # A key newer than the checkpoint's config was off when it was written.
-        saved_model = {"relation_prompts": False, **meta["config"].get("model", {})}
+        saved_model = meta["config"].get("model", {})
         diffs = [k for k in _MODEL_KEYS
                  if k in mine.get("model", {}) and saved_model.get(k) != mine["model"].get(k)]
         if diffs:
