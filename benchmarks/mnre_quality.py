@@ -44,8 +44,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "roc_label_names": {"data.descriptions": "{label_names}"},
     "roc_one_description": {"data.descriptions": "{one_description}"},
     "roc_trained_descriptions": {"model.train_description_tower": True},
-    "roc_no_images": {"data.use_images": False},
-    "roc_prompts": {"model.relation_prompts": True}}
+    "roc_no_images": {"data.use_images": False}}
 # setting -> the commit that last had its code (hypotheses that lost on val; docs/results.md).
 RETIRED = {"roc_centered": "0139920", "roc_lse": "0139920", "roc_bias": "0139920",
            "roc_threshold": "79f9902", "roc_offsets": "79f9902"}

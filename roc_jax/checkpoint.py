@@ -56,7 +56,7 @@ OLD_STATE_ITEM = "state"  # format 1: the whole train state in one item
 # model's architecture and the label set. Everything else (epochs, max_steps, logging) may change
 # between a run and its restart.
 _MODEL_KEYS = ("head", "text_encoder", "image_encoder", "fusion_layers", "proj_dim",
-               "train_description_tower", "relation_prompts", "random_init", "text_config", "image_config")
+               "train_description_tower", "random_init", "text_config", "image_config")
 
 
 class CheckpointError(RuntimeError):

@@ -64,10 +64,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.text_config = ml_collections.ConfigDict()  # BertConfig fields when random_init
     c.model.image_config = ml_collections.ConfigDict()  # ViTConfig fields when random_init
     c.model.train_description_tower = False
-    # Relation vectors from the descriptions read as marked prompts by the pair encoder itself
-    # (roc_jax.labels.prompts), one prompt per relation per training step; exclusive with
-    # train_description_tower.
-    c.model.relation_prompts = False
     c.model.description_max_len = 32
     c.model.fusion_layers = 2
     c.model.proj_dim = 256

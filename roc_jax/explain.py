@@ -77,7 +77,7 @@ def relations_for(loaded: Any, descriptions: Mapping[str, Sequence[str]]) -> tup
         exp.cache, descriptions, loaded.label_names,
         cache_lib.text_encode_fn(enc, exp.built.description_tokenizer),
         cache_lib.encoder_params(enc))
-    relations = parallel.replicate(train_lib.relations_input(config, cache, exp.built), exp.trainer.mesh)
+    relations = parallel.replicate(train_lib.relations_input(config, cache), exp.trainer.mesh)
     return cache, relations
 
 

@@ -284,7 +284,7 @@ def predict(loaded: Loaded | str | Path, text: str | Sequence[str],
             cache, extra_descriptions,
             cache_lib.text_encode_fn(enc, exp.built.description_tokenizer),
             params=cache_lib.encoder_params(enc))
-        relations = parallel.replicate(train_lib.relations_input(loaded.config, cache, exp.built),
+        relations = parallel.replicate(train_lib.relations_input(loaded.config, cache),
                                        exp.trainer.mesh)
     example = _example(loaded, tokens, head, tail, image)
     n = exp.trainer.mesh.devices.size

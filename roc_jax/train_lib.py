@@ -35,7 +35,6 @@ from roc_jax import host_memory, parallel
 from roc_jax import metrics as metrics_lib
 from roc_jax.data import sources as sources_lib
 from roc_jax.data import subsets
-from roc_jax.labels import prompts
 from roc_jax.losses import masked_xent
 from roc_jax.models.roc import ROC, is_pretrained_path
 
@@ -127,9 +126,6 @@ def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[
     seeded = nnx.merge(graphdef, state["params"], rest, copy=True)
     nnx.reseed(seeded, dropout=jax.random.fold_in(state["rng"], state["step"]))
     _, _, step_rest = nnx.split(seeded, nnx.Param, ...)
-
-    if "prompt_ids" in relations:  # relation prompts: one per relation and step
-        relations = prompts.one_prompt_per_relation(relations, state["step"])
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, step_rest, copy=True)
@@ -278,9 +274,6 @@ def evaluate(trainer: Trainer, params: Any, batches: Iterable[Mapping[str, np.nd
     """
     acc = metrics_lib.Accumulator()
     with jax.set_mesh(trainer.mesh):
-        if "prompt_ids" in relations:  # encoded once for all batches
-            relations = {"vectors": _jit_relation_vectors(trainer.graphdef_eval, trainer.mesh)(
-                params, relations, trainer.rest), "mask": relations["mask"]}
         for batch in batches:
             sharded = parallel.shard_batch(batch, trainer.mesh)
             out = trainer.eval_step(params, sharded, relations)
@@ -290,15 +283,6 @@ def evaluate(trainer: Trainer, params: Any, batches: Iterable[Mapping[str, np.nd
                              "mask": sharded["mask"]})
             acc.add(rows["label"], rows["pred"], rows["mask"])
     return acc.result(label_names)
-
-
-@functools.lru_cache(maxsize=8)
-def _jit_relation_vectors(gdef_eval: Any, mesh: jax.sharding.Mesh) -> Callable[..., jax.Array]:
-    """The eval-mode model's relation vectors ``[R, K, P]`` (replicated), jitted per model
-    structure and mesh."""
-    def vectors(params, relations, rest):
-        return nnx.merge(gdef_eval, params, rest, copy=True).encode_relations(relations)
-    return jax.jit(vectors, out_shardings=parallel.replicated(mesh))
 
 
 def _to_host(tree: Any) -> Any:
@@ -418,30 +402,19 @@ def _same_on_every_host(cache: Any) -> Any:
                                mask=np.asarray(arrays["mask"]).astype(np.bool_))
 
 
-def relations_input(config: Any, cache: Any, built: Any | None = None) -> dict[str, np.ndarray]:
-    """The model's ``relations`` argument from the cache: ``{'embeddings' [R, K, Dd], 'mask'
-    [R, K]}``, plus the tokenized description texts ``[R*K, Ld]`` when the description tower is
-    trained, or the marked prompts ``[R*K, Lp]`` (``roc_jax.labels.prompts``) with
-    ``model.relation_prompts``; those two need ``built`` (``create_model``'s tokenizers)."""
+def relations_input(config: Any, cache: Any, tokenizer: Any | None = None) -> dict[str, np.ndarray]:
+    """The model's ``relations`` argument from the cache (and, when the description tower is
+    trained, the tokenized description texts ``[R*K, Ld]``)."""
     rel = {"embeddings": np.asarray(cache.embeddings, np.float32),
            "mask": np.asarray(cache.mask, bool)}
-    r, k = rel["mask"].shape
     if config.model.train_description_tower:
+        r, k = rel["mask"].shape
         flat = [cache.texts[i][j] if j < len(cache.texts[i]) else ""
                 for i in range(r) for j in range(k)]
-        enc = built.description_tokenizer(flat, padding="max_length", truncation=True,
-                                          max_length=config.model.description_max_len,
-                                          return_tensors="np")
+        enc = tokenizer(flat, padding="max_length", truncation=True,
+                        max_length=config.model.description_max_len, return_tensors="np")
         rel["input_ids"] = enc["input_ids"].astype(np.int32)
         rel["attention_mask"] = enc["attention_mask"].astype(np.int32)
-    if config.model.get("relation_prompts", False):
-        from roc_jax.data.markers import MarkerTokenizer
-        from roc_jax.labels import prompts
-
-        encoder = MarkerTokenizer(built.tokenizer, style=config.data.marker_style,
-                                  max_len=config.data.max_len)
-        rel.update(prompts.encode_prompts(cache.texts, cache.names, k, encoder,
-                                          typed=config.data.entity_types != "none"))
     return rel
 
 
@@ -533,7 +506,7 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
         log.info("restored %s step %d", manager.directory, step)
     else:
         cache = _same_on_every_host(build_description_cache(config, built, label_names))
-    rel = relations_input(config, cache, built)
+    rel = relations_input(config, cache, built.description_tokenizer)
     return Experiment(config, label_names, built, cache, trainer, state,
                       parallel.replicate(rel, mesh), pipeline_config(config, built.image_spec),
                       restored)

@@ -75,7 +75,7 @@ def test_one_and_eight_devices_give_the_same_step(trained):
                                       batch_size=config.train.batch_size)
     batch = next(it)
     it.close()
-    rel = train_lib.relations_input(config, cache, built)
+    rel = train_lib.relations_input(config, cache)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = parallel.make_mesh(devices)

@@ -47,9 +47,6 @@ class ROCConfig:
     proj_dim: int = 256
     temperature_init: float = 0.07
     train_description_tower: bool = False
-    # Relation vectors are the pair vectors of marked description prompts, read by this model's
-    # own towers (roc_jax.labels.prompts); no description projection.
-    relation_prompts: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
     # rows alone; MNRE as distributed here has an image in 49 of 12,247 samples. 0: off.
@@ -64,9 +61,6 @@ class ROCConfig:
     def __post_init__(self):
         if self.head not in HEADS:
             raise ValueError(f"model.head={self.head!r}; expected one of {HEADS}")
-        if self.relation_prompts and self.train_description_tower:
-            raise ValueError("model.relation_prompts and model.train_description_tower both set: "
-                             "the prompts are read by the pair encoder, choose one")
         if self.num_relations < 2:
             raise ValueError(f"num_relations={self.num_relations}: need at least 2 relations")
 
@@ -142,8 +136,7 @@ class ROC(nnx.Module):
         self.pair_norm = nnx.LayerNorm(d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         if config.head == "retrieval":
             self.pair_proj = dense(d, config.proj_dim, dtype=dtype, rngs=rngs)
-            self.rel_proj = None if config.relation_prompts else \
-                dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
+            self.rel_proj = dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
             self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
                                                          jnp.float32))
             self.classifier = None
@@ -169,21 +162,20 @@ class ROC(nnx.Module):
         return x
 
     def fuse(self, batch: Mapping[str, Array], queries: Array | None = None,
-             image_rows: bool = False, no_image: bool = False) -> tuple[Array, Array, int]:
+             image_rows: bool = False) -> tuple[Array, Array, int]:
         """Text and image tokens through the fusion layers.
 
         Returns ``(fused [B, L+T, D], mask [B, L+T], L)``; ``T = 0`` without an image tower.
         With ``queries [B, Q]`` (text positions; needs a fusion layer) the last fusion layer
         computes those positions alone and ``fused`` is ``[B, Q, D]``, or ``[B, Q+T, D]`` with
         the T image tokens appended when ``image_rows`` (zeros where a row has no image).
-        ``no_image`` fuses the text alone (relation prompts have no image; ``T = 0``).
         """
         if queries is not None and not self.fusion:
             raise ValueError("queries need a fusion layer to run on (fusion_layers=0)")
         ids, amask = batch["input_ids"], batch["attention_mask"].astype(bool)
         x = self.text(ids, amask)
         length = ids.shape[1]
-        if self.vision is None or no_image:
+        if self.vision is None:
             return self._fusion_layers(x, amask, queries), amask, length
         if "pixel_values" not in batch:
             raise KeyError("the model has an image tower but the batch has no pixel_values "
@@ -253,17 +245,16 @@ class ROC(nnx.Module):
             fused = nnx.cond(count > 0, with_images_remat, text_only, self, x, px)
         return fused, mask, length
 
-    def pair_states(self, batch: Mapping[str, Array], no_image: bool = False) -> Array:
+    def pair_states(self, batch: Mapping[str, Array]) -> Array:
         """``[B, 2D]``: fused head and tail states (MORE object tails: box-pooled patches)."""
-        object_tails = self.vision is not None and not no_image and "tail_is_object" in batch
+        object_tails = self.vision is not None and "tail_is_object" in batch
         if self.config.prune_last_fusion_layer and self.fusion:
             markers = jnp.stack([batch["head_index"], batch["tail_index"]], axis=1)
             # [B, 2(+T), D]: the marker states, then (object tails) the image tokens.
-            fused, _, _ = self.fuse(batch, markers, image_rows=object_tails,
-                                  no_image=no_image)
+            fused, _, _ = self.fuse(batch, markers, image_rows=object_tails)
             head, tail, patches = fused[:, 0], fused[:, 1], fused[:, 3:]
         else:
-            fused, _, length = self.fuse(batch, no_image=no_image)
+            fused, _, length = self.fuse(batch)
             rows = jnp.arange(fused.shape[0])
             head = fused[rows, batch["head_index"]]
             tail = fused[rows, batch["tail_index"]]
@@ -277,28 +268,16 @@ class ROC(nnx.Module):
             tail = jnp.where(batch["tail_is_object"][:, None], pooled, tail)
         return jnp.concatenate([head, tail], axis=-1)
 
-    def encode_pair(self, batch: Mapping[str, Array], no_image: bool = False) -> Array:
+    def encode_pair(self, batch: Mapping[str, Array]) -> Array:
         """``[B, P]`` L2-normalized pair vectors (retrieval) or ``[B, D]`` features."""
-        h = self.pair_norm(jax.nn.gelu(self.pair_mlp(self.pair_states(batch, no_image))))
+        h = self.pair_norm(jax.nn.gelu(self.pair_mlp(self.pair_states(batch))))
         if self.config.head == "classification":
             return h
         return l2_normalize(self.pair_proj(h))
 
     def encode_relations(self, relations: Mapping[str, Array]) -> Array:
-        """``[R, K, P]`` L2-normalized relation-description vectors.
-
-        ``relations`` may carry them already encoded (``'vectors' [R, K, P]``: an evaluation
-        encodes the prompts once, not once per batch).
-        """
+        """``[R, K, P]`` L2-normalized relation-description vectors."""
         mask = relations["mask"]
-        if "vectors" in relations:
-            return relations["vectors"]
-        if self.config.relation_prompts:
-            prompts = {"input_ids": relations["prompt_ids"],
-                       "attention_mask": relations["prompt_mask"],
-                       "head_index": relations["prompt_head"],
-                       "tail_index": relations["prompt_tail"]}
-            return self.encode_pair(prompts, no_image=True).reshape(*mask.shape, -1)
         if self.description is not None:
             hidden = self.description(relations["input_ids"], relations["attention_mask"])
             emb = mean_pool(hidden, relations["attention_mask"]).reshape(*mask.shape, -1)
@@ -409,7 +388,6 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
         train_description_tower=model_cfg.train_description_tower,
-        relation_prompts=model_cfg.get("relation_prompts", False),
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
         prune_last_fusion_layer=model_cfg.get("prune_last_fusion_layer", True),
