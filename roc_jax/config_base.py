@@ -87,6 +87,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.warmup_ratio = 0.1
     c.train.weight_decay = 0.01
     c.train.grad_clip = 1.0
+    # tau of the logit-adjusted loss (Menon et al., ICLR 2021): the training loss reads
+    # logits + tau * log(prior), the prior being the training split's relation frequencies, so
+    # that frequent relations (None first) must win by their prior's margin; prediction reads
+    # the plain logits. Both heads; 0: off.
+    c.train.logit_adjustment = 0.0
     c.train.log_every = 50
     c.train.max_steps_in_flight = 2  # bound on queued (dispatched, unfinished) steps; 0: none
     c.train.checkpoint_every = 500  # steps; plus one at every epoch end (with dev metrics)
