@@ -46,7 +46,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "roc_trained_descriptions": {"model.train_description_tower": True},
     "roc_no_images": {"data.use_images": False},
     "roc_la": {"train.logit_adjustment": 1.0},
-    "cls_la": {"model.head": "classification", "train.logit_adjustment": 1.0}}
+    "cls_la": {"model.head": "classification", "train.logit_adjustment": 1.0},
+    "roc_symmetric": {"train.relation_to_pair_weight": 1.0}}
 # setting -> the commit that last had its code (hypotheses that lost on val; docs/results.md).
 RETIRED = {"roc_centered": "0139920", "roc_lse": "0139920", "roc_bias": "0139920",
            "roc_threshold": "79f9902", "roc_offsets": "79f9902", "roc_prompts": "b22b7bd"}

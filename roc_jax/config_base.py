@@ -92,6 +92,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # that frequent relations (None first) must win by their prior's margin; prediction reads
     # the plain logits. Both heads; 0: off.
     c.train.logit_adjustment = 0.0
+    # Weight of the InfoNCE loss's other direction (roc_jax.losses.relation_to_pair_xent: each
+    # relation retrieves its pairs among the batch's), added to the pair-to-relation loss; 0: off.
+    c.train.relation_to_pair_weight = 0.0
     c.train.log_every = 50
     c.train.max_steps_in_flight = 2  # bound on queued (dispatched, unfinished) steps; 0: none
     c.train.checkpoint_every = 500  # steps; plus one at every epoch end (with dev metrics)

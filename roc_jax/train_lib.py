@@ -35,7 +35,7 @@ from roc_jax import host_memory, parallel
 from roc_jax import metrics as metrics_lib
 from roc_jax.data import sources as sources_lib
 from roc_jax.data import subsets
-from roc_jax.losses import masked_xent
+from roc_jax.losses import masked_xent, relation_to_pair_xent
 from roc_jax.models.roc import ROC, is_pretrained_path
 
 log = logging.getLogger("roc_jax")
@@ -132,7 +132,11 @@ def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[
         logits, _ = model(batch, relations)
         if "logit_offset" in relations:  # train.logit_adjustment: [R], training only
             logits = logits + relations["logit_offset"]
-        return masked_xent(logits, batch["label"], batch["mask"])
+        loss, acc = masked_xent(logits, batch["label"], batch["mask"])
+        if "relation_to_pair_weight" in relations:  # train.relation_to_pair_weight, scalar
+            loss = loss + relations["relation_to_pair_weight"] * relation_to_pair_xent(
+                logits, batch["label"], batch["mask"])
+        return loss, acc
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -601,6 +605,9 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
         offsets = logit_offsets(subsets.relation_ids(sources[config.data.train_split]),
                                 len(label_names), config.train.logit_adjustment)
         train_relations = {**train_relations, "logit_offset": parallel.replicate(offsets, mesh)}
+    if config.train.get("relation_to_pair_weight", 0.0):
+        train_relations = {**train_relations, "relation_to_pair_weight": parallel.replicate(
+            np.float32(config.train.relation_to_pair_weight), mesh)}
     state = exp.state
     if exp.restored is not None:
         train_it.set_state(exp.restored["data"])
