@@ -87,11 +87,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.warmup_ratio = 0.1
     c.train.weight_decay = 0.01
     c.train.grad_clip = 1.0
-    # tau of the logit-adjusted loss (Menon et al., ICLR 2021): the training loss reads
-    # logits + tau * log(prior), the prior being the training split's relation frequencies, so
-    # that frequent relations (None first) must win by their prior's margin; prediction reads
-    # the plain logits. Both heads; 0: off.
-    c.train.logit_adjustment = 0.0
     # Weight of the InfoNCE loss's other direction (roc_jax.losses.relation_to_pair_xent: each
     # relation retrieves its pairs among the batch's), added to the pair-to-relation loss; 0: off.
     c.train.relation_to_pair_weight = 0.0

@@ -130,8 +130,6 @@ def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[
     def loss_fn(params):
         model = nnx.merge(graphdef, params, step_rest, copy=True)
         logits, _ = model(batch, relations)
-        if "logit_offset" in relations:  # train.logit_adjustment: [R], training only
-            logits = logits + relations["logit_offset"]
         loss, acc = masked_xent(logits, batch["label"], batch["mask"])
         if "relation_to_pair_weight" in relations:  # train.relation_to_pair_weight, scalar
             loss = loss + relations["relation_to_pair_weight"] * relation_to_pair_xent(
@@ -601,10 +599,6 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     eval_batches = pipeline.make_eval_batches(sources[config.data.eval_split], tokenizer,
                                               exp.pipeline_cfg, config.train.eval_batch_size)
     train_relations = _without_relations(exp.relations, unseen, mesh)
-    if config.train.get("logit_adjustment", 0.0):
-        offsets = logit_offsets(subsets.relation_ids(sources[config.data.train_split]),
-                                len(label_names), config.train.logit_adjustment)
-        train_relations = {**train_relations, "logit_offset": parallel.replicate(offsets, mesh)}
     if config.train.get("relation_to_pair_weight", 0.0):
         train_relations = {**train_relations, "relation_to_pair_weight": parallel.replicate(
             np.float32(config.train.relation_to_pair_weight), mesh)}
@@ -804,13 +798,6 @@ def _save_failed(manager: Any, saved: int, step: int, error: BaseException) -> E
         f"({ckpt.error_reason(error)}): training stopped at step {step}. The checkpoints saved "
         f"before are intact (steps {intact}): free disk space or fix the folder's permissions, "
         "then run the same command to resume")
-
-
-def logit_offsets(labels: np.ndarray, num_relations: int, tau: float) -> np.ndarray:
-    """``tau * log(prior)`` ``[R]`` float32 from the training labels ``[N]`` (a relation without
-    training samples counts one: its descriptions are masked out of training anyway)."""
-    counts = np.maximum(np.bincount(labels, minlength=num_relations), 1).astype(np.float64)
-    return (tau * np.log(counts / counts.sum())).astype(np.float32)
 
 
 def _without_relations(relations: dict[str, jax.Array], ids: Sequence[int],

@@ -110,40 +110,6 @@ def test_one_and_eight_devices_give_the_same_step(trained):
     assert checked > 0.95 * sum(x.size for x in jax.tree.leaves(p1))
 
 
-def test_logit_adjustment_offsets_the_training_loss_only(trained):
-    """train.logit_adjustment: ``tau * log(prior)`` of the training labels is added to the
-    logits of the loss (a relation without samples counts one); eval logits stay plain."""
-    from roc_jax.data import pipeline
-    from roc_jax.losses import masked_xent
-    from roc_jax.models.roc import create_model
-
-    np.testing.assert_allclose(train_lib.logit_offsets(np.array([0, 0, 0, 2]), 4, 0.5),
-                               0.5 * np.log(np.array([3, 1, 1, 1]) / 6), rtol=1e-6)
-    _, config = trained
-    sources = sources_lib.load_sources(config, ["train"])
-    built = create_model(config.model, use_images=False, num_relations=5)
-    cache = train_lib.build_description_cache(config, built, sources_lib.label_names_of(config))
-    it = pipeline.make_train_iterator(sources["train"], built.tokenizer,
-                                      train_lib.pipeline_config(config, None), seed=0,
-                                      batch_size=config.train.batch_size)
-    batch = next(it)
-    it.close()
-    mesh = parallel.make_mesh(jax.devices())
-    trainer, state = train_lib.make_trainer(built.model, config.train, 10, mesh)
-    # The fixture's relations are balanced (equal offsets change no softmax): a skewed prior.
-    offsets = train_lib.logit_offsets(np.array([0] * 6 + [1] * 3 + [2]), 5, 1.0)
-    with jax.set_mesh(mesh):
-        sharded = parallel.shard_batch(batch, mesh)
-        rel = parallel.replicate(train_lib.relations_input(config, cache), mesh)
-        logits = trainer.eval_step(state["params"], sharded, rel)["logits"]  # no dropout here
-        _, out = trainer.train_step(state, sharded, {
-            **rel, "logit_offset": parallel.replicate(offsets, mesh)})
-    want, _ = masked_xent(np.asarray(logits) + offsets, batch["label"], batch["mask"])
-    plain, _ = masked_xent(np.asarray(logits), batch["label"], batch["mask"])
-    assert float(out["loss"]) == pytest.approx(float(want), rel=1e-4)
-    assert abs(float(want) - float(plain)) > 1e-2
-
-
 def test_ctrl_c_saves_the_current_step(trained, tmp_path, monkeypatch):
     from roc_jax.data import pipeline
 
