@@ -87,8 +87,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.warmup_ratio = 0.1
     c.train.weight_decay = 0.01
     c.train.grad_clip = 1.0
-    # Weight of the InfoNCE loss's other direction (roc_jax.losses.relation_to_pair_xent: each
-    # relation retrieves its pairs among the batch's), added to the pair-to-relation loss; 0: off.
+    # Retrieval head: weight of the InfoNCE loss's other direction (roc_jax.losses.
+    # relation_to_pair_xent: each relation retrieves its pairs among the batch's), added to the
+    # pair-to-relation loss; 0: one direction. The classification head does not use it.
     c.train.relation_to_pair_weight = 0.0
     c.train.log_every = 50
     c.train.max_steps_in_flight = 2  # bound on queued (dispatched, unfinished) steps; 0: none

@@ -113,13 +113,15 @@ def make_optimizer(spec: OptSpec) -> tuple[optax.GradientTransformation, dict[st
 
 
 def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[str, jax.Array],
-               rest: Any, *, graphdef: Any, tx: optax.GradientTransformation
-               ) -> tuple[State, dict[str, jax.Array]]:
+               rest: Any, *, graphdef: Any, tx: optax.GradientTransformation,
+               relation_to_pair_weight: float = 0.0) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step on a global ``batch`` (docs/architecture.md, "Batch", ``[B, ...]``).
 
     ``state`` is ``{'params', 'opt_state', 'step' int32[], 'rng' uint32[2]}``; ``relations`` the
     replicated ``{'embeddings' [R, K, Dd], 'mask' [R, K]}`` description input; ``rest`` the
     model's non-parameter state (dropout RNG streams) and ``graphdef`` its train-mode structure.
+    The loss is the cross-entropy over the relations (pair to relation), plus
+    ``relation_to_pair_weight`` times the other direction (``losses.relation_to_pair_xent``).
     Returns the new state and ``{'loss', 'accuracy', 'grad_norm', 'param_norm'}`` (scalars).
     """
     # Dropout keys depend on (seed, step) only: resumed runs draw the same masks.
@@ -131,8 +133,8 @@ def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[
         model = nnx.merge(graphdef, params, step_rest, copy=True)
         logits, _ = model(batch, relations)
         loss, acc = masked_xent(logits, batch["label"], batch["mask"])
-        if "relation_to_pair_weight" in relations:  # train.relation_to_pair_weight, scalar
-            loss = loss + relations["relation_to_pair_weight"] * relation_to_pair_xent(
+        if relation_to_pair_weight:
+            loss = loss + relation_to_pair_weight * relation_to_pair_xent(
                 logits, batch["label"], batch["mask"])
         return loss, acc
 
@@ -213,14 +215,17 @@ def _jit_eval(gdef_eval: Any, mesh: jax.sharding.Mesh) -> Callable[..., dict[str
 
 
 @functools.lru_cache(maxsize=8)
-def _jit_train(gdef_train: Any, spec: OptSpec, mesh: jax.sharding.Mesh
+def _jit_train(gdef_train: Any, spec: OptSpec, mesh: jax.sharding.Mesh,
+               relation_to_pair_weight: float = 0.0
                ) -> tuple[Callable[..., tuple[State, dict[str, jax.Array]]],
                           optax.GradientTransformation, dict[str, optax.Schedule]]:
-    """``train_step`` jitted for a model structure, optimizer spec and mesh; its optimizer."""
+    """``train_step`` jitted for a model structure, optimizer spec, mesh and loss weight; its
+    optimizer."""
     tx, schedules = make_optimizer(spec)
     rep = parallel.replicated(mesh)
     # The state stays replicated; donating it lets XLA update parameters and moments in place.
-    jitted = jax.jit(functools.partial(train_step, graphdef=gdef_train, tx=tx),
+    jitted = jax.jit(functools.partial(train_step, graphdef=gdef_train, tx=tx,
+                                       relation_to_pair_weight=relation_to_pair_weight),
                      donate_argnums=(0,), out_shardings=(rep, rep))
     return jitted, tx, schedules
 
@@ -230,8 +235,14 @@ def make_trainer(model: ROC, train_cfg: Any, total_steps: int, mesh: jax.shardin
     """Splits ``model``, builds the optimizer and the jitted steps; returns the initial state
     ``{'params', 'opt_state', 'step', 'rng'}`` (replicated on ``mesh``)."""
     gdef_train, gdef_eval, params, rest = split_model(model)
+    weight = float(train_cfg.get("relation_to_pair_weight", 0.0))
+    if weight and model.config.head != "retrieval":
+        # The baseline stays the plain softmax head, whatever the retrieval default is.
+        log.info("train.relation_to_pair_weight=%s is the retrieval head's; the %s head trains "
+                 "with the cross-entropy alone", weight, model.config.head)
+        weight = 0.0
     jit_train, tx, schedules = _jit_train(gdef_train, OptSpec.from_config(train_cfg, total_steps),
-                                          mesh)
+                                          mesh, weight)
     state = {
         "params": params,
         "opt_state": tx.init(params),
@@ -599,9 +610,6 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
     eval_batches = pipeline.make_eval_batches(sources[config.data.eval_split], tokenizer,
                                               exp.pipeline_cfg, config.train.eval_batch_size)
     train_relations = _without_relations(exp.relations, unseen, mesh)
-    if config.train.get("relation_to_pair_weight", 0.0):
-        train_relations = {**train_relations, "relation_to_pair_weight": parallel.replicate(
-            np.float32(config.train.relation_to_pair_weight), mesh)}
     state = exp.state
     if exp.restored is not None:
         train_it.set_state(exp.restored["data"])

@@ -62,11 +62,14 @@ def test_one_and_eight_devices_give_the_same_step(trained):
     where ``0 < |g| < 1e-6`` (under 5 % of them): Adam's first step moves a parameter by
     ``lr g / (|g| + eps)``, which for a gradient within a few hundred ``eps`` of zero turns a
     float-order difference of ``g`` into an O(lr) difference of the step (those elements are
-    compared with ``atol = peak lr``)."""
+    compared with ``atol = peak lr``). Both directions of the InfoNCE loss: the relation-to-pair
+    one normalizes over the global batch."""
     from roc_jax.data import pipeline
     from roc_jax.models.roc import create_model
 
     _, config = trained
+    config = config.copy_and_resolve_references()
+    config.train.relation_to_pair_weight = 1.0
     sources = sources_lib.load_sources(config, ["train"])
     built = create_model(config.model, use_images=False, num_relations=5)
     cache = train_lib.build_description_cache(config, built, sources_lib.label_names_of(config))
