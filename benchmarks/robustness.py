@@ -1,10 +1,8 @@
 """Robustness: trained workdirs evaluated on MNRE-2 val clean and under every perturbation.
 
-Variants (``roc_jax.robustness.model_variants``): clean, each perturbation (the same seeded copy
-for every model) and, for ROC, the paraphrase descriptions and K=1. Runs accumulate in
-``benchmarks/results/robustness.json`` (one per workdir and variant, never rerun: add workdirs as
-they finish); the ``summary`` (``roc_mean_drop``, ``cls_mean_drop``: points, over the
-perturbations both heads have) is recomputed each time.
+Variants: ``roc_jax.robustness.model_variants``. Runs accumulate in
+``benchmarks/results/robustness.json`` (one per workdir and variant, never rerun); its
+``summary`` (``roc_mean_drop``, ``cls_mean_drop``, over the shared perturbations) is recomputed.
 
     python benchmarks/robustness.py --data_dir /path/to/mnre --workdirs runs/roc_s0,runs/cls_s0
 """

@@ -150,7 +150,9 @@ def test_unknown_config_variant():
     with pytest.raises(ValueError, match=r"unknown variant ':nope'"):
         load_config("tiny", "nope")
     with pytest.raises(ValueError, match=r"configs/mnre.py: unknown variant ':x'"):
-        load_config("mnre", "x")
+        load_config("mnre", "one_way,x")
+    assert load_config("mnre").train.relation_to_pair_weight == 1.0
+    assert load_config("mnre", "one_way").train.relation_to_pair_weight == 0.0
 
 
 def test_data_not_found(tmp_path, monkeypatch):

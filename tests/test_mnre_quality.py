@@ -31,7 +31,7 @@ def test_ablation_description_files_have_one_valid_description_per_relation(tmp_
     for name in names:
         assert first[name] == shipped[name][:1]
     assert mq.overrides_of("roc_label_names", files) == {
-        "data.descriptions": files["label_names"]}
+        **mq.ONE_WAY, "data.descriptions": files["label_names"]}
 
 
 def _report(step, f1):
@@ -158,6 +158,22 @@ def test_merge_adds_only_the_missing_entries(tmp_path):
     assert sorted((e["setting"], e["val"]["f1"]) for e in merged["runs"]) == [
         ("cls", 52.0), ("roc", 50.0)]
     assert merged["summary"]["cls_val_f1_mean"] == 52.0
+
+
+def test_summary_reports_the_default_roc_setting_where_a_budget_has_it():
+    def entry(setting, seed, f1, epochs=1):
+        return {"setting": setting, "seed": seed, "epochs": epochs, "sets": {}, "val": {"f1": f1}}
+
+    entries = [*(entry("roc", i, 50.0 + i) for i in range(3)),
+               *(entry(mq.DEFAULT_ROC, i, 53.0 + i) for i in range(3)),
+               *(entry("cls", i, 51.0 + i) for i in range(3)),
+               *(entry(s, i, 60.0, epochs=6) for s in ("roc", "cls") for i in range(3))]
+    s = mq.summarize(entries)
+    # the budget with the default setting is the headline, even with a lower ROC mean
+    assert s["headline_budget"] == "e1" and s["roc_setting"] == mq.DEFAULT_ROC
+    assert s["roc_val_f1_mean"] == pytest.approx(54.0) and s["roc_minus_cls"] == pytest.approx(2)
+    assert s["budgets"]["e6"]["roc_setting"] == "roc"
+    assert s["vs_cls"]["roc"]["mean"] == pytest.approx(51.0)
 
 
 def test_protocols_name_their_budgets_and_get_their_own_summaries():
