@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from roc_testutil import assert_same_state, metrics_rows, read_state, tiny_config
+from roc_testutil import assert_same_state, load_config, metrics_rows, read_state, tiny_config
 
 from roc_jax import checkpoint as ckpt
 from roc_jax import parallel, train_lib
@@ -111,6 +111,24 @@ def test_one_and_eight_devices_give_the_same_step(trained):
         np.testing.assert_allclose(a[~well], b[~well], atol=peak_lr)
         checked += int(well.sum())
     assert checked > 0.95 * sum(x.size for x in jax.tree.leaves(p1))
+
+
+@pytest.mark.parametrize("head, weight", [("retrieval", 1.0), ("classification", 0.0)])
+def test_relation_to_pair_loss_is_the_retrieval_heads(head, weight, monkeypatch):
+    """configs/mnre.py turns the second direction on; the softmax baseline trains without it."""
+    import optax
+
+    from roc_jax.models.roc import create_model
+
+    config = load_config("tiny", "text")
+    config.model.head = head
+    config.train.relation_to_pair_weight = 1.0
+    built = create_model(config.model, use_images=False, num_relations=5)
+    weights = []
+    monkeypatch.setattr(train_lib, "_jit_train", lambda gdef, spec, mesh, w: (
+        weights.append(w), (None, optax.identity(), {}))[1])
+    train_lib.make_trainer(built.model, config.train, 10, parallel.make_mesh(jax.devices()))
+    assert weights == [weight]
 
 
 def test_ctrl_c_saves_the_current_step(trained, tmp_path, monkeypatch):
