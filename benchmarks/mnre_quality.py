@@ -216,8 +216,7 @@ def budget_summary(group: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _headline(budgets: dict[str, dict[str, Any]]) -> str | None:
-    """The budget with the most ROC and classification seeds, then the higher ROC mean; budgets
-    that have the ``DEFAULT_ROC`` setting first."""
+    """Budgets with ``DEFAULT_ROC`` first, then the most ROC and cls seeds, the higher ROC mean."""
     return max(budgets, default=None, key=lambda k: (
         budgets[k]["roc_setting"] == DEFAULT_ROC, min(budgets[k]["roc_seeds"], budgets[k]["cls_seeds"]),
         budgets[k]["roc_seeds"] + budgets[k]["cls_seeds"], budgets[k]["roc_val_f1_mean"] or 0.0))
