@@ -53,9 +53,9 @@ RETIRED = {"roc_centered": "0139920", "roc_lse": "0139920", "roc_bias": "0139920
            "roc_threshold": "79f9902", "roc_offsets": "79f9902", "roc_prompts": "b22b7bd",
            "roc_la": "896660f"}
 DEFAULT_ROC = "roc_symmetric"  # the summary's ROC where a budget has it, else roc
-# roc and cls 3 seeds each; the ablations one seed
-ALL_RUNS = [(s, seed) for s in ("roc", "cls") for seed in (0, 1, 2)] + \
-    [(s, 0) for s in list(SETTINGS)[2:]]
+# roc, cls and the default 3 seeds each; the ablations one seed
+ALL_RUNS = [(s, seed) for s in ("roc", "cls", DEFAULT_ROC) for seed in (0, 1, 2)] + \
+    [(s, 0) for s in list(SETTINGS)[2:] if s != DEFAULT_ROC]
 
 LOW_RESOURCE_FRACTION = 0.1
 # Five relations with at least 15 val samples each, none of the three largest (which would take
