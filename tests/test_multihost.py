@@ -123,7 +123,10 @@ def _join_checks(folder: Path) -> None:
         return i
 
     assert parallel.main_process_first("join", work) == i
-    print("worker: join: devices", jax.device_count(), jax.local_device_count(), flush=True)
+    # One string: the launcher runs workers unbuffered with stderr on the same pipe, so a print
+    # of several arguments is several writes, and a log line from another thread can land
+    # between them.
+    print(f"worker: join: devices {jax.device_count()} {jax.local_device_count()}", flush=True)
 
 
 def _worker(argv: list[str]) -> None:
