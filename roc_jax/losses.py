@@ -1,7 +1,8 @@
 """The training loss over relation logits ``[B, R]`` (retrieval scores or softmax-head logits).
 
 Cross-entropy over every relation, ``None`` one of them; over retrieval scores this is InfoNCE
-with every relation as a candidate.
+with every relation as a candidate (pair to relation). ``relation_to_pair_xent`` is the other
+direction, which the retrieval head adds with ``train.relation_to_pair_weight``.
 """
 
 from __future__ import annotations
