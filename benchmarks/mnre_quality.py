@@ -47,7 +47,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "roc_one_description": {**ONE_WAY, "data.descriptions": "{one_description}"},
     "roc_trained_descriptions": {**ONE_WAY, "model.train_description_tower": True},
     "roc_no_images": {**ONE_WAY, "data.use_images": False},
-    "roc_symmetric": {"train.relation_to_pair_weight": 1.0}}
+    "roc_symmetric": {"train.relation_to_pair_weight": 1.0},
+    "roc_symmetric_w2": {"train.relation_to_pair_weight": 2.0},
+    "roc_symmetric_supcon": {"train.relation_to_pair_weight": 1.0,
+                             "train.pair_contrast_weight": 1.0}}
 # setting -> the commit that last had its code (hypotheses that lost on val; docs/results.md).
 RETIRED = {"roc_centered": "0139920", "roc_lse": "0139920", "roc_bias": "0139920",
            "roc_threshold": "79f9902", "roc_offsets": "79f9902", "roc_prompts": "b22b7bd",
