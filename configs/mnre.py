@@ -53,11 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.warmup_ratio = 0.1  # ours (MKGformer and HVPNeT: 0.06)
     c.train.weight_decay = 0.01  # MKGformer (AdamW weight_decay 1e-2)
     c.train.grad_clip = 1.0  # ours
-    # ours: InfoNCE in both directions, each relation also retrieving its pairs from the batch,
-    # and a supervised contrastive loss between the pair vectors (docs/results.md); ':one_way'
-    # keeps the paper's pair-to-relation loss alone.
+    # ours: InfoNCE in both directions, each relation also retrieving its pairs from the batch
+    # (docs/results.md); ':one_way' keeps the pair-to-relation direction alone.
     c.train.relation_to_pair_weight = 1.0
-    c.train.pair_contrast_weight = 1.0
 
     for part in (arg or "").split(","):
         if part == "offline":
@@ -66,7 +64,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.model.image_encoder = "dinov2-s14-offline"
         elif part == "one_way":
             c.train.relation_to_pair_weight = 0.0
-            c.train.pair_contrast_weight = 0.0
         elif part:
             raise ValueError(f"configs/mnre.py: unknown variant ':{part}' (known: ':offline', "
                              "':one_way', comma-separated)")

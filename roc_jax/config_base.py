@@ -91,9 +91,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     # relation_to_pair_xent: each relation retrieves its pairs among the batch's), added to the
     # pair-to-relation loss; 0: one direction. The classification head does not use it.
     c.train.relation_to_pair_weight = 0.0
-    # Retrieval head: weight of the supervised contrastive loss between the batch's pair vectors
-    # (roc_jax.losses.pair_contrast_xent); 0: none.
-    c.train.pair_contrast_weight = 0.0
     c.train.log_every = 50
     c.train.max_steps_in_flight = 2  # bound on queued (dispatched, unfinished) steps; 0: none
     c.train.checkpoint_every = 500  # steps; plus one at every epoch end (with dev metrics)

@@ -2,8 +2,7 @@
 
 Cross-entropy over every relation, ``None`` one of them; over retrieval scores this is InfoNCE
 with every relation as a candidate (pair to relation). ``relation_to_pair_xent`` is the other
-direction, which the retrieval head adds with ``train.relation_to_pair_weight``;
-``pair_contrast_xent`` compares the pair vectors with each other (``train.pair_contrast_weight``).
+direction, which the retrieval head adds with ``train.relation_to_pair_weight``.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-
-from roc_jax.models.scoring import l2_normalize
 
 
 def masked_xent(logits: jax.Array, labels: jax.Array, mask: jax.Array
@@ -45,25 +42,3 @@ def relation_to_pair_xent(logits: jax.Array, labels: jax.Array, mask: jax.Array)
     present = positive.any(axis=0)
     per_relation = jnp.where(present, lse_all - lse_pos, 0.0)
     return per_relation.sum() / jnp.maximum(present.sum(), 1)
-
-
-def pair_contrast_xent(pair: jax.Array, labels: jax.Array, mask: jax.Array,
-                       temperature: jax.Array | float) -> jax.Array:
-    """Supervised contrastive loss between the batch's pair vectors (Khosla et al., 2020, L_out).
-
-    ``[B, P], [B], [B], () -> ()``: for each real row with at least one other real row of its
-    relation, the mean over those positives of ``-log softmax_j(cos(pair_i, pair_j) / T)``, the
-    softmax over the other real rows; averaged over those anchors. The batch is the global one,
-    so 1 and 8 devices compute the same value.
-    """
-    very_low = jnp.float32(-1e9)  # finite, as in relation_to_pair_xent
-    z = l2_normalize(pair)
-    sims = z @ z.T / temperature  # [B, B]
-    real = mask.astype(bool)
-    others = real[:, None] & real[None, :] & ~jnp.eye(pair.shape[0], dtype=bool)
-    positive = others & (labels[:, None] == labels[None, :])
-    log_p = sims - jax.nn.logsumexp(jnp.where(others, sims, very_low), axis=1, keepdims=True)
-    n_pos = positive.sum(axis=1)
-    per_anchor = -jnp.where(positive, log_p, 0.0).sum(axis=1) / jnp.maximum(n_pos, 1)
-    anchors = n_pos > 0
-    return jnp.where(anchors, per_anchor, 0.0).sum() / jnp.maximum(anchors.sum(), 1)

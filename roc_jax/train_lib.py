@@ -35,7 +35,7 @@ from roc_jax import host_memory, parallel
 from roc_jax import metrics as metrics_lib
 from roc_jax.data import sources as sources_lib
 from roc_jax.data import subsets
-from roc_jax.losses import masked_xent, pair_contrast_xent, relation_to_pair_xent
+from roc_jax.losses import masked_xent, relation_to_pair_xent
 from roc_jax.models.roc import ROC, is_pretrained_path
 
 log = logging.getLogger("roc_jax")
@@ -114,17 +114,14 @@ def make_optimizer(spec: OptSpec) -> tuple[optax.GradientTransformation, dict[st
 
 def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[str, jax.Array],
                rest: Any, *, graphdef: Any, tx: optax.GradientTransformation,
-               relation_to_pair_weight: float = 0.0, pair_contrast_weight: float = 0.0
-               ) -> tuple[State, dict[str, jax.Array]]:
+               relation_to_pair_weight: float = 0.0) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step on a global ``batch`` (docs/architecture.md, "Batch", ``[B, ...]``).
 
     ``state`` is ``{'params', 'opt_state', 'step' int32[], 'rng' uint32[2]}``; ``relations`` the
     replicated ``{'embeddings' [R, K, Dd], 'mask' [R, K]}`` description input; ``rest`` the
     model's non-parameter state (dropout RNG streams) and ``graphdef`` its train-mode structure.
     The loss is the cross-entropy over the relations (pair to relation), plus
-    ``relation_to_pair_weight`` times the other direction (``losses.relation_to_pair_xent``),
-    plus ``pair_contrast_weight`` times the pair-to-pair loss (``losses.pair_contrast_xent``, at
-    the model's temperature, which only the retrieval loss trains).
+    ``relation_to_pair_weight`` times the other direction (``losses.relation_to_pair_xent``).
     Returns the new state and ``{'loss', 'accuracy', 'grad_norm', 'param_norm'}`` (scalars).
     """
     # Dropout keys depend on (seed, step) only: resumed runs draw the same masks.
@@ -134,15 +131,11 @@ def train_step(state: State, batch: Mapping[str, jax.Array], relations: Mapping[
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, step_rest, copy=True)
-        logits, aux = model(batch, relations)
+        logits, _ = model(batch, relations)
         loss, acc = masked_xent(logits, batch["label"], batch["mask"])
         if relation_to_pair_weight:
             loss = loss + relation_to_pair_weight * relation_to_pair_xent(
                 logits, batch["label"], batch["mask"])
-        if pair_contrast_weight:
-            loss = loss + pair_contrast_weight * pair_contrast_xent(
-                aux["pair"], batch["label"], batch["mask"],
-                jax.lax.stop_gradient(aux["temperature"]))
         return loss, acc
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -223,17 +216,16 @@ def _jit_eval(gdef_eval: Any, mesh: jax.sharding.Mesh) -> Callable[..., dict[str
 
 @functools.lru_cache(maxsize=8)
 def _jit_train(gdef_train: Any, spec: OptSpec, mesh: jax.sharding.Mesh,
-               relation_to_pair_weight: float = 0.0, pair_contrast_weight: float = 0.0
+               relation_to_pair_weight: float = 0.0
                ) -> tuple[Callable[..., tuple[State, dict[str, jax.Array]]],
                           optax.GradientTransformation, dict[str, optax.Schedule]]:
-    """``train_step`` jitted for a model structure, optimizer spec, mesh and loss weights; its
+    """``train_step`` jitted for a model structure, optimizer spec, mesh and loss weight; its
     optimizer."""
     tx, schedules = make_optimizer(spec)
     rep = parallel.replicated(mesh)
     # The state stays replicated; donating it lets XLA update parameters and moments in place.
     jitted = jax.jit(functools.partial(train_step, graphdef=gdef_train, tx=tx,
-                                       relation_to_pair_weight=relation_to_pair_weight,
-                                       pair_contrast_weight=pair_contrast_weight),
+                                       relation_to_pair_weight=relation_to_pair_weight),
                      donate_argnums=(0,), out_shardings=(rep, rep))
     return jitted, tx, schedules
 
@@ -243,16 +235,14 @@ def make_trainer(model: ROC, train_cfg: Any, total_steps: int, mesh: jax.shardin
     """Splits ``model``, builds the optimizer and the jitted steps; returns the initial state
     ``{'params', 'opt_state', 'step', 'rng'}`` (replicated on ``mesh``)."""
     gdef_train, gdef_eval, params, rest = split_model(model)
-    weights = [float(train_cfg.get(k, 0.0))
-               for k in ("relation_to_pair_weight", "pair_contrast_weight")]
-    if any(weights) and model.config.head != "retrieval":
+    weight = float(train_cfg.get("relation_to_pair_weight", 0.0))
+    if weight and model.config.head != "retrieval":
         # The baseline stays the plain softmax head, whatever the retrieval default is.
-        log.info("train.relation_to_pair_weight and train.pair_contrast_weight (%s) are the "
-                 "retrieval head's; the %s head trains with the cross-entropy alone", weights,
-                 model.config.head)
-        weights = [0.0, 0.0]
+        log.info("train.relation_to_pair_weight=%s is the retrieval head's; the %s head trains "
+                 "with the cross-entropy alone", weight, model.config.head)
+        weight = 0.0
     jit_train, tx, schedules = _jit_train(gdef_train, OptSpec.from_config(train_cfg, total_steps),
-                                          mesh, *weights)
+                                          mesh, weight)
     state = {
         "params": params,
         "opt_state": tx.init(params),

@@ -62,15 +62,14 @@ def test_one_and_eight_devices_give_the_same_step(trained):
     where ``0 < |g| < 1e-6`` (under 5 % of them): Adam's first step moves a parameter by
     ``lr g / (|g| + eps)``, which for a gradient within a few hundred ``eps`` of zero turns a
     float-order difference of ``g`` into an O(lr) difference of the step (those elements are
-    compared with ``atol = peak lr``). Both directions of the InfoNCE loss and the pair-to-pair
-    loss: the relation-to-pair and pair-to-pair ones normalize over the global batch."""
+    compared with ``atol = peak lr``). Both directions of the InfoNCE loss: the relation-to-pair
+    one normalizes over the global batch."""
     from roc_jax.data import pipeline
     from roc_jax.models.roc import create_model
 
     _, config = trained
     config = config.copy_and_resolve_references()
     config.train.relation_to_pair_weight = 1.0
-    config.train.pair_contrast_weight = 1.0
     sources = sources_lib.load_sources(config, ["train"])
     built = create_model(config.model, use_images=False, num_relations=5)
     cache = train_lib.build_description_cache(config, built, sources_lib.label_names_of(config))
@@ -116,7 +115,7 @@ def test_one_and_eight_devices_give_the_same_step(trained):
 
 @pytest.mark.parametrize("head, weight", [("retrieval", 1.0), ("classification", 0.0)])
 def test_relation_to_pair_loss_is_the_retrieval_heads(head, weight, monkeypatch):
-    """The retrieval head's extra losses; the softmax baseline trains without them."""
+    """configs/mnre.py turns the second direction on; the softmax baseline trains without it."""
     import optax
 
     from roc_jax.models.roc import create_model
@@ -124,13 +123,12 @@ def test_relation_to_pair_loss_is_the_retrieval_heads(head, weight, monkeypatch)
     config = load_config("tiny", "text")
     config.model.head = head
     config.train.relation_to_pair_weight = 1.0
-    config.train.pair_contrast_weight = 1.0
     built = create_model(config.model, use_images=False, num_relations=5)
     weights = []
-    monkeypatch.setattr(train_lib, "_jit_train", lambda gdef, spec, mesh, *w: (
+    monkeypatch.setattr(train_lib, "_jit_train", lambda gdef, spec, mesh, w: (
         weights.append(w), (None, optax.identity(), {}))[1])
     train_lib.make_trainer(built.model, config.train, 10, parallel.make_mesh(jax.devices()))
-    assert weights == [(weight, weight)]
+    assert weights == [weight]
 
 
 def test_ctrl_c_saves_the_current_step(trained, tmp_path, monkeypatch):
