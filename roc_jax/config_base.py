@@ -89,8 +89,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0
     # Retrieval head: weight of the InfoNCE loss's other direction (roc_jax.losses.
     # relation_to_pair_xent: each relation retrieves its pairs among the batch's), added to the
-    # pair-to-relation loss; 0: one direction. The classification head does not use it.
+    # pair-to-relation loss; 0: one direction. The classification head does not use it unless
+    # softmax_relation_to_pair is set: a control, the same column loss over the softmax head's
+    # logits; the baseline keeps the plain cross-entropy.
     c.train.relation_to_pair_weight = 0.0
+    c.train.softmax_relation_to_pair = False
     c.train.log_every = 50
     c.train.max_steps_in_flight = 2  # bound on queued (dispatched, unfinished) steps; 0: none
     c.train.checkpoint_every = 500  # steps; plus one at every epoch end (with dev metrics)

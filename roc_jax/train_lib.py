@@ -236,10 +236,12 @@ def make_trainer(model: ROC, train_cfg: Any, total_steps: int, mesh: jax.shardin
     ``{'params', 'opt_state', 'step', 'rng'}`` (replicated on ``mesh``)."""
     gdef_train, gdef_eval, params, rest = split_model(model)
     weight = float(train_cfg.get("relation_to_pair_weight", 0.0))
-    if weight and model.config.head != "retrieval":
+    if weight and model.config.head != "retrieval" and not train_cfg.get(
+            "softmax_relation_to_pair", False):
         # The baseline stays the plain softmax head, whatever the retrieval default is.
         log.info("train.relation_to_pair_weight=%s is the retrieval head's; the %s head trains "
-                 "with the cross-entropy alone", weight, model.config.head)
+                 "with the cross-entropy alone (train.softmax_relation_to_pair=True adds it)",
+                 weight, model.config.head)
         weight = 0.0
     jit_train, tx, schedules = _jit_train(gdef_train, OptSpec.from_config(train_cfg, total_steps),
                                           mesh, weight)

@@ -113,9 +113,11 @@ def test_one_and_eight_devices_give_the_same_step(trained):
     assert checked > 0.95 * sum(x.size for x in jax.tree.leaves(p1))
 
 
-@pytest.mark.parametrize("head, weight", [("retrieval", 1.0), ("classification", 0.0)])
-def test_relation_to_pair_loss_is_the_retrieval_heads(head, weight, monkeypatch):
-    """configs/mnre.py turns the second direction on; the softmax baseline trains without it."""
+@pytest.mark.parametrize("head, softmax_too, weight", [
+    ("retrieval", False, 1.0), ("classification", False, 0.0), ("classification", True, 1.0)])
+def test_relation_to_pair_loss_is_the_retrieval_heads(head, softmax_too, weight, monkeypatch):
+    """configs/mnre.py turns the second direction on; the softmax baseline trains without it
+    unless the control asks for it."""
     import optax
 
     from roc_jax.models.roc import create_model
@@ -123,6 +125,7 @@ def test_relation_to_pair_loss_is_the_retrieval_heads(head, weight, monkeypatch)
     config = load_config("tiny", "text")
     config.model.head = head
     config.train.relation_to_pair_weight = 1.0
+    config.train.softmax_relation_to_pair = softmax_too
     built = create_model(config.model, use_images=False, num_relations=5)
     weights = []
     monkeypatch.setattr(train_lib, "_jit_train", lambda gdef, spec, mesh, w: (
