@@ -67,7 +67,8 @@ PROTOCOLS: dict[str, dict[str, str]] = {
     "full": {}, "low_resource": {"data.train_fraction": str(LOW_RESOURCE_FRACTION)},
     "zero_shot": {"data.unseen_relations": repr(UNSEEN_RELATIONS)}}
 SUMMARY_KEYS = ("roc_setting", "roc_val_f1_mean", "roc_val_f1_std", "roc_seeds", "cls_val_f1_mean",
-                "cls_val_f1_std", "cls_seeds", "roc_minus_cls", "roc_beats_cls_beyond_spread")
+                "cls_val_f1_std", "cls_seeds", "roc_minus_cls", "roc_beats_cls_beyond_spread",
+                "cls_same_loss_val_f1_mean", "cls_same_loss_val_f1_std", "cls_same_loss_seeds")
 
 
 def protocol_of(sets: dict[str, Any]) -> str:
@@ -114,8 +115,7 @@ def dev_curve(workdir: Path) -> dict[str, float]:
 
 
 def logged_progress(workdir: Path) -> tuple[int, float | None]:
-    """The last step in ``metrics.jsonl`` (all attempts) and the median logged examples/s (the
-    first, compile-heavy interval left out)."""
+    """The last logged step (all attempts), the median logged examples/s (compile interval out)."""
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     rates = [row["train/examples_per_sec"] for row in rows if "train/examples_per_sec" in row]
     return (max(row["step"] for row in rows if "step" in row),
@@ -143,8 +143,7 @@ def entry_key(entry: dict[str, Any]) -> tuple[str, int, str]:  # unique in a res
 
 
 def run_dirname(setting: str, seed: int, epochs: int, sets: dict[str, Any]) -> str:
-    """``'roc_s0_e1_lr_encoder5e-5'``: one folder per run, directly under the workroot (a value's
-    path separators, as in a local encoder folder, become '-')."""
+    """``'roc_s0_e1_lr_encoder5e-5'``: the run's folder in the workroot (separators become '-')."""
     suffix = "".join("_" + k.split(".")[-1] + re.sub(r"[^\w.=-]+", "-", str(v))
                      for k, v in sorted(sets.items()))
     return f"{setting}_s{seed}_e{epochs}{suffix}"
@@ -212,6 +211,8 @@ def budget_summary(group: list[dict[str, Any]]) -> dict[str, Any]:
          "cls_seeds": len(f1s["cls"])}
     b.update({f"roc_{k}": v for k, v in vs_cls.get(roc, {}).items()
               if k in ("minus_cls", "beats_cls_beyond_spread")})
+    if xs := f1s["cls_symmetric"]:  # the softmax head trained with the default's loss
+        b.update(zip(SUMMARY_KEYS[-3:], (*_stats(xs), len(xs)), strict=True))
     return {**b, "per_setting_val_f1": {s: v for s, v in f1s.items() if v}, "vs_cls": vs_cls}
 
 
@@ -383,8 +384,7 @@ def prebuild_tfds(args: argparse.Namespace, sets: dict[str, Any]) -> None:
     config = get_config("offline")
     config.data.tfds_dir = args.tfds_dir
     for field, value in ((k[5:], v) for k, v in sets.items() if k.startswith("data.")):
-        str_field = isinstance(config.data[field], str)
-        config.data[field] = value if str_field else ast.literal_eval(value)
+        config.data[field] = value if isinstance(config.data[field], str) else ast.literal_eval(value)
     sources.load_sources(config, ("train", "val"))
 
 

@@ -167,8 +167,14 @@ def test_summary_reports_the_default_roc_setting_where_a_budget_has_it():
     entries = [*(entry("roc", i, 50.0 + i) for i in range(3)),
                *(entry(mq.DEFAULT_ROC, i, 53.0 + i) for i in range(3)),
                *(entry("cls", i, 51.0 + i) for i in range(3)),
+               *(entry("cls_symmetric", i, 52.0 + 2 * i) for i in range(3)),
                *(entry(s, i, 60.0, epochs=6) for s in ("roc", "cls") for i in range(3))]
     s = mq.summarize(entries)
+    # cls_* stays the plain softmax head; the same head with the default's loss is reported apart
+    assert s["cls_val_f1_mean"] == pytest.approx(52.0)
+    assert (s["cls_same_loss_val_f1_mean"], s["cls_same_loss_val_f1_std"],
+            s["cls_same_loss_seeds"]) == pytest.approx((54.0, 2.0, 3))
+    assert "cls_same_loss_seeds" not in s["budgets"]["e6"]
     # the budget with the default setting is the headline, even with a lower ROC mean
     assert s["headline_budget"] == "e1" and s["roc_setting"] == mq.DEFAULT_ROC
     assert s["roc_val_f1_mean"] == pytest.approx(54.0) and s["roc_minus_cls"] == pytest.approx(2)
