@@ -48,6 +48,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "roc_trained_descriptions": {**ONE_WAY, "model.train_description_tower": True},
     "roc_no_images": {**ONE_WAY, "data.use_images": False},
     "roc_symmetric": {"train.relation_to_pair_weight": 1.0},
+    "roc_symmetric_offsets": {"train.relation_to_pair_weight": 1.0, "model.relation_offsets": True},
     "cls_symmetric": {"model.head": "classification",  # a control: the default's column loss
                       "train.relation_to_pair_weight": 1.0, "train.softmax_relation_to_pair": True}}
 # setting -> the commit that last had its code (hypotheses that lost on val; docs/results.md).
@@ -333,8 +334,7 @@ def main() -> None:
     if args.table:
         return print(markdown_table(json.loads(args.results.read_text())))
     if args.merge:
-        merge_results(args.merge, args.results)
-        return
+        return merge_results(args.merge, args.results)
     if args.jobs < 1:
         raise SystemExit(f"--jobs={args.jobs}: expected 1 or more")
     if not (Path(args.data_dir) / "mnre_train.txt").exists():
@@ -388,14 +388,13 @@ def prebuild_tfds(args: argparse.Namespace, sets: dict[str, Any]) -> None:
     sources.load_sources(config, ("train", "val"))
 
 
-def merge_results(other: Path, path: Path = RESULTS) -> list[dict[str, Any]]:
-    """Adds (and returns) the entries of ``other`` whose setting, seed and budget ``path`` lacks."""
+def merge_results(other: Path, path: Path = RESULTS) -> None:
+    """Adds the entries of ``other`` whose setting, seed and budget ``path`` lacks."""
     entries = json.loads(path.read_text())["runs"] if path.exists() else []
     have = {entry_key(e) for e in entries}
     added = [e for e in json.loads(other.read_text())["runs"] if entry_key(e) not in have]
     print(f"{other}: {len(added)} entries added to {path}", flush=True)
     write_results(entries + added, path)
-    return added
 
 
 def write_results(entries: list[dict[str, Any]], path: Path = RESULTS) -> None:
