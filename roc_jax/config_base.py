@@ -64,7 +64,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.text_config = ml_collections.ConfigDict()  # BertConfig fields when random_init
     c.model.image_config = ml_collections.ConfigDict()  # ViTConfig fields when random_init
     c.model.train_description_tower = False
-    c.model.relation_offsets = False  # retrieval: a free per-relation offset on the prototypes
     c.model.description_max_len = 32
     c.model.fusion_layers = 2
     c.model.proj_dim = 256

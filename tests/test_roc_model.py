@@ -9,7 +9,7 @@ from roc_testutil import load_config
 
 from roc_jax.models.bert import BertConfig, BertEncoder
 from roc_jax.models.roc import ROC, ROCConfig, box_patch_weights
-from roc_jax.models.scoring import NO_DESCRIPTION_SCORE, relation_scores
+from roc_jax.models.scoring import relation_scores
 from roc_jax.models.vit import ViT, ViTConfig
 
 R, K, B, L, D = 4, 3, 4, 12, 32
@@ -263,25 +263,3 @@ def test_trained_description_tower_recomputes_relation_vectors():
     assert np.isfinite(value)
     norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["description"]))
     assert norm > 0
-
-
-def test_relation_offsets_start_at_zero_and_move_each_relation_alone():
-    """relation_offsets: l2norm(W e_rk + u_r); zeros at init give pure description prototypes;
-    u_r moves relation r's score alone; a relation without descriptions keeps
-    NO_DESCRIPTION_SCORE; extra relations (predict's added descriptions) get no offset."""
-    rels = _relations()
-    rels["mask"] = rels["mask"].at[1].set(False)
-    plain, free = _model(images=False), _model(images=False, relation_offsets=True)
-    base, _ = _forward(plain, _batch(), rels)
-    np.testing.assert_allclose(_forward(free, _batch(), rels)[0], base, atol=1e-6)
-    free.relation_offset[...] = free.relation_offset[...].at[3].set(
-        jnp.asarray(np.random.default_rng(0).normal(size=8), jnp.float32))
-    moved, _ = _forward(free, _batch(), rels)
-    np.testing.assert_allclose(np.asarray(moved)[:, :3], np.asarray(base)[:, :3], atol=1e-5)
-    assert not np.allclose(np.asarray(moved)[:, 3], np.asarray(base)[:, 3], atol=1e-3)
-    assert np.all(np.asarray(moved)[:, 1] == NO_DESCRIPTION_SCORE)
-    more = {"embeddings": jnp.concatenate([rels["embeddings"], rels["embeddings"][:1]]),
-            "mask": jnp.concatenate([rels["mask"], rels["mask"][:1]])}
-    extended, _ = _forward(free, _batch(), more)
-    np.testing.assert_allclose(extended[:, :R], moved, atol=1e-5)
-    np.testing.assert_allclose(extended[:, R], base[:, 0], atol=1e-5)

@@ -4,7 +4,7 @@
     image [B,H,W,3] --ViT--> [B, 1+N, Dv] --proj--> [B, 1+N, D] -----+--> N fusion layers
                                                                         (BertLayer) [B, L+1+N, D]
     pair  = l2norm(proj(MLP([h_head ; h_tail])))                       [B, P]
-    rels  = l2norm(proj(description embeddings [R, K, Dd]) [+ u_r])    [R, K, P]
+    rels  = l2norm(proj(description embeddings [R, K, Dd]))            [R, K, P]
     score = cos(pair, mean_k rels) / temperature                     [B, R]
 
 ``h_head`` / ``h_tail`` are the fused states at the start markers (``head_index``/``tail_index``);
@@ -47,9 +47,6 @@ class ROCConfig:
     proj_dim: int = 256
     temperature_init: float = 0.07
     train_description_tower: bool = False
-    # Per-relation offsets u_r [R, P] added to the projected descriptions (zeros at init), so
-    # that a relation's prototype can leave the span its neighbours' descriptions tie it to.
-    relation_offsets: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
     # rows alone; MNRE as distributed here has an image in 49 of 12,247 samples. 0: off.
@@ -142,12 +139,9 @@ class ROC(nnx.Module):
             self.rel_proj = dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
             self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
                                                          jnp.float32))
-            self.relation_offset = (
-                nnx.Param(jnp.zeros((config.num_relations, config.proj_dim), jnp.float32))
-                if config.relation_offsets else None)
             self.classifier = None
         else:
-            self.pair_proj = self.rel_proj = self.log_temperature = self.relation_offset = None
+            self.pair_proj = self.rel_proj = self.log_temperature = None
             self.classifier = dense(d, config.num_relations, dtype=dtype, rngs=rngs)
         if config.train_description_tower and description_encoder is None:
             raise ValueError("model.train_description_tower=True needs a description encoder")
@@ -290,11 +284,6 @@ class ROC(nnx.Module):
         else:
             emb = relations["embeddings"]
         proj = self.rel_proj(emb.astype(self.dtype)).astype(jnp.float32)
-        if self.relation_offset is not None:
-            offset = self.relation_offset[...]
-            # Relations added after training (predict's extra descriptions) have no offset.
-            offset = jnp.pad(offset, ((0, proj.shape[0] - offset.shape[0]), (0, 0)))
-            proj = proj + offset[:, None, :]
         return l2_normalize(proj)
 
     def temperature(self) -> Array:
@@ -399,7 +388,6 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
         train_description_tower=model_cfg.train_description_tower,
-        relation_offsets=model_cfg.get("relation_offsets", False),
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
         prune_last_fusion_layer=model_cfg.get("prune_last_fusion_layer", True),
