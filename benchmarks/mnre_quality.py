@@ -213,7 +213,8 @@ def budget_summary(group: list[dict[str, Any]]) -> dict[str, Any]:
     b.update({f"roc_{k}": v for k, v in vs_cls.get(roc, {}).items()
               if k in ("minus_cls", "beats_cls_beyond_spread")})
     if xs := f1s["cls_symmetric"]:  # the softmax head trained with the default's loss
-        b.update(zip(SUMMARY_KEYS[-3:], (*_stats(xs), len(xs)), strict=True))
+        m, sd = _stats(xs)
+        b.update(cls_same_loss_val_f1_mean=m, cls_same_loss_val_f1_std=sd, cls_same_loss_seeds=len(xs))
     return {**b, "per_setting_val_f1": {s: v for s, v in f1s.items() if v}, "vs_cls": vs_cls}
 
 
