@@ -91,21 +91,6 @@ def test_retrieval_outputs_and_scores():
     assert np.all(np.abs(np.asarray(logits) * 0.07) <= 1 + 1e-5)  # cosines in [-1, 1]
 
 
-def test_pair_norm_scale_multiplies_each_rows_logits_by_its_norm():
-    """pair_norm_scale: each row's cosines / temperature times |pair_proj(h)| over that norm at
-    initialization (0.02 sqrt(D P)), so the ranking within a row is the plain model's."""
-    plain, scaled = _model(), _model(pair_norm_scale=True)
-    batch, rels = _batch(), _relations()
-    l_plain, _ = _forward(plain, batch, rels)
-    l_scaled, inter = _forward(scaled, batch, rels)
-    raw = nnx.jit(lambda m, b: m.pair_proj(m.pair_features(b)))(scaled, batch)
-    factor = np.linalg.norm(raw, axis=-1, keepdims=True) / (0.02 * np.sqrt(D * 8))
-    np.testing.assert_allclose(l_scaled, np.asarray(l_plain) * factor, rtol=1e-4, atol=1e-5)
-    assert np.ptp(factor) > 0.01  # the rows' scales differ
-    np.testing.assert_array_equal(np.argsort(l_scaled, -1), np.argsort(l_plain, -1))
-    np.testing.assert_allclose(np.linalg.norm(inter["pair"], axis=-1), 1.0, rtol=1e-5)
-
-
 def test_missing_image_rows_ignore_their_pixels():
     """has_image False: that row's image tokens are masked out, whatever the pixels hold."""
     model = _model()

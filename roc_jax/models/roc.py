@@ -46,10 +46,6 @@ class ROCConfig:
     fusion_layers: int = 2
     proj_dim: int = 256
     temperature_init: float = 0.07
-    # The projected pair vector's norm, over its norm at initialization, multiplies its logits: a per-sample
-    # inverse temperature, as a softmax head's feature norm scales its logits. The ranking of
-    # one pair's relations is unchanged; the loss can weight confident and ambiguous pairs.
-    pair_norm_scale: bool = False
     train_description_tower: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
@@ -272,13 +268,9 @@ class ROC(nnx.Module):
             tail = jnp.where(batch["tail_is_object"][:, None], pooled, tail)
         return jnp.concatenate([head, tail], axis=-1)
 
-    def pair_features(self, batch: Mapping[str, Array]) -> Array:
-        """``[B, D]``: the pair's features, the softmax head's input and the projection's."""
-        return self.pair_norm(jax.nn.gelu(self.pair_mlp(self.pair_states(batch))))
-
     def encode_pair(self, batch: Mapping[str, Array]) -> Array:
         """``[B, P]`` L2-normalized pair vectors (retrieval) or ``[B, D]`` features."""
-        h = self.pair_features(batch)
+        h = self.pair_norm(jax.nn.gelu(self.pair_mlp(self.pair_states(batch))))
         if self.config.head == "classification":
             return h
         return l2_normalize(self.pair_proj(h))
@@ -300,20 +292,14 @@ class ROC(nnx.Module):
 
     def __call__(self, batch: Mapping[str, Array],
                  relations: Mapping[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
-        h = self.pair_features(batch)
+        pair = self.encode_pair(batch)
         if self.config.head == "classification":
-            logits = self.classifier(h).astype(jnp.float32)
-            return logits, {"pair": h}
+            logits = self.classifier(pair).astype(jnp.float32)
+            return logits, {"pair": pair}
         if relations is None:
             raise ValueError("the retrieval head needs the relation descriptions")
-        raw = self.pair_proj(h).astype(jnp.float32)  # [B, P]
-        pair = l2_normalize(raw)
         rels = self.encode_relations(relations)
         t = self.temperature()
-        if self.config.pair_norm_scale:  # [B, 1]: each row's own temperature
-            # |raw| at initialization: N(0, 0.02) kernel over layer-normed [B, D] features.
-            init_norm = 0.02 * math.sqrt(h.shape[-1] * self.config.proj_dim)
-            t = t * init_norm / jnp.maximum(jnp.linalg.norm(raw, axis=-1, keepdims=True), 1e-6)
         logits = relation_scores(pair, rels, relations["mask"], t)
         return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
 
@@ -401,7 +387,6 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         fusion_layers=model_cfg.fusion_layers,
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
-        pair_norm_scale=model_cfg.get("pair_norm_scale", False),
         train_description_tower=model_cfg.train_description_tower,
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
