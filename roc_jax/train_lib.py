@@ -465,8 +465,7 @@ def _check_batch_sizes(config: Any, mesh: jax.sharding.Mesh) -> None:
 
 def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | None = None,
           total_steps: int = 1, restore: str | int | None = "latest",
-          label_names: Sequence[str] | None = None, with_optimizer: bool = True,
-          relation_prior: np.ndarray | None = None) -> Experiment:
+          label_names: Sequence[str] | None = None, with_optimizer: bool = True) -> Experiment:
     """Builds the model and, when ``workdir`` holds a checkpoint, restores it.
 
     ``restore``: ``'latest'`` (resume), ``'best'``, a step, or None (never restore). A restored
@@ -476,8 +475,7 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
     next older one is restored, with one warning; other choices raise
     ``checkpoint.UnreadableCheckpoint``. ``with_optimizer=False`` (evaluation, prediction)
     builds no optimizer and reads only the parameters (``make_evaluator``): ``state`` is
-    ``{'params'}`` and the trainer has no ``train_step``. ``relation_prior`` ``[R]``: the start
-    of ``model.relation_prior_bias`` (``log_prior``); a restored run keeps its trained bias.
+    ``{'params'}`` and the trainer has no ``train_step``.
     """
     mesh = mesh or parallel.make_mesh()
     _check_batch_sizes(config, mesh)
@@ -497,8 +495,6 @@ def setup(config: Any, workdir: str | Path | None, *, mesh: jax.sharding.Mesh | 
                 else [ckpt.select_step(manager, restore)]
     built = create_model(config.model, use_images=config.data.use_images,
                          num_relations=len(label_names), seed=config.seed)
-    if relation_prior is not None and getattr(built.model, "relation_bias", None) is not None:
-        built.model.relation_bias[...] = jnp.asarray(relation_prior, jnp.float32)
     if built.random_init:
         log.warning("model.random_init=True: RANDOM text/image encoders (tests and smoke runs "
                     "only; the scores mean nothing)")
@@ -607,10 +603,7 @@ def train_and_evaluate(config: Any, workdir: str | Path, *,
         raise ValueError(f"{len(sources[config.data.train_split])} training samples make no "
                          f"batch of {config.train.batch_size}")
     total = steps_per_epoch * config.num_epochs
-    prior = log_prior(subsets.relation_ids(sources[config.data.train_split]), len(label_names)) \
-        if config.model.get("relation_prior_bias", False) else None
-    exp = setup(config, workdir, mesh=mesh, total_steps=total, label_names=label_names,
-                relation_prior=prior)
+    exp = setup(config, workdir, mesh=mesh, total_steps=total, label_names=label_names)
     tokenizer = exp.built.tokenizer
     train_it = pipeline.make_train_iterator(sources[config.data.train_split], tokenizer,
                                             exp.pipeline_cfg, seed=config.seed,
@@ -815,15 +808,6 @@ def _save_failed(manager: Any, saved: int, step: int, error: BaseException) -> E
         f"({ckpt.error_reason(error)}): training stopped at step {step}. The checkpoints saved "
         f"before are intact (steps {intact}): free disk space or fix the folder's permissions, "
         "then run the same command to resume")
-
-
-def log_prior(labels: np.ndarray, num_relations: int) -> np.ndarray:
-    """``[R]`` float32 ``log(count_r / N)`` of the training labels ``[N]``. A relation without
-    training samples (zero-shot) gets the median of the others: its frequency is unknown."""
-    counts = np.bincount(labels, minlength=num_relations).astype(np.float64)
-    out = np.full(num_relations, np.nan)
-    out[counts > 0] = np.log(counts[counts > 0] / counts.sum())
-    return np.where(counts > 0, out, np.median(out[counts > 0])).astype(np.float32)
 
 
 def _without_relations(relations: dict[str, jax.Array], ids: Sequence[int],

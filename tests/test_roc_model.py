@@ -91,16 +91,6 @@ def test_retrieval_outputs_and_scores():
     assert np.all(np.abs(np.asarray(logits) * 0.07) <= 1 + 1e-5)  # cosines in [-1, 1]
 
 
-def test_relation_prior_bias_adds_to_the_retrieval_scores():
-    plain, biased = _model(), _model(relation_prior_bias=True)
-    assert float(np.abs(biased.relation_bias[...]).max()) == 0.0  # train_lib sets the start
-    bias = np.log(np.array([0.6, 0.2, 0.15, 0.05], np.float32))
-    biased.relation_bias[...] = jnp.asarray(bias)
-    l_plain, _ = _forward(plain, _batch(), _relations())
-    l_biased, _ = _forward(biased, _batch(), _relations())
-    np.testing.assert_allclose(l_biased, np.asarray(l_plain) + bias[None], rtol=1e-5, atol=1e-5)
-
-
 def test_missing_image_rows_ignore_their_pixels():
     """has_image False: that row's image tokens are masked out, whatever the pixels hold."""
     model = _model()

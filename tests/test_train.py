@@ -177,10 +177,3 @@ def test_batch_size_must_split_over_devices(trained):
 def test_lr_schedule_warmup_and_decay():
     s = train_lib.lr_schedule(1.0, total_steps=10, warmup_ratio=0.2)
     assert [float(s(i)) for i in (0, 1, 2, 6, 10)] == pytest.approx([0, 0.5, 1.0, 0.5, 0.0])
-
-
-def test_log_prior_of_the_training_labels():
-    """log(count / N); a relation without training samples gets the median of the others."""
-    prior = train_lib.log_prior(np.array([0, 0, 0, 1, 2, 2]), 4)
-    np.testing.assert_allclose(prior, np.log([3 / 6, 1 / 6, 2 / 6, 2 / 6]), rtol=1e-6)
-    assert prior.dtype == np.float32

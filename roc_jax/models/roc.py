@@ -46,9 +46,6 @@ class ROCConfig:
     fusion_layers: int = 2
     proj_dim: int = 256
     temperature_init: float = 0.07
-    # A learned per-relation bias on the retrieval scores, which training starts at the training
-    # split's log prior (``train_lib.log_prior``): the prior a softmax head holds in its bias.
-    relation_prior_bias: bool = False
     train_description_tower: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
@@ -142,11 +139,9 @@ class ROC(nnx.Module):
             self.rel_proj = dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
             self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
                                                          jnp.float32))
-            self.relation_bias = nnx.Param(jnp.zeros((config.num_relations,), jnp.float32)) \
-                if config.relation_prior_bias else None
             self.classifier = None
         else:
-            self.pair_proj = self.rel_proj = self.log_temperature = self.relation_bias = None
+            self.pair_proj = self.rel_proj = self.log_temperature = None
             self.classifier = dense(d, config.num_relations, dtype=dtype, rngs=rngs)
         if config.train_description_tower and description_encoder is None:
             raise ValueError("model.train_description_tower=True needs a description encoder")
@@ -306,8 +301,6 @@ class ROC(nnx.Module):
         rels = self.encode_relations(relations)
         t = self.temperature()
         logits = relation_scores(pair, rels, relations["mask"], t)
-        if self.relation_bias is not None:
-            logits = logits + self.relation_bias[...][None]
         return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
 
 PRETRAINED_PREFIXES = ("text", "vision", "description")
@@ -394,7 +387,6 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         fusion_layers=model_cfg.fusion_layers,
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
-        relation_prior_bias=model_cfg.get("relation_prior_bias", False),
         train_description_tower=model_cfg.train_description_tower,
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
