@@ -91,19 +91,6 @@ def test_retrieval_outputs_and_scores():
     assert np.all(np.abs(np.asarray(logits) * 0.07) <= 1 + 1e-5)  # cosines in [-1, 1]
 
 
-def test_relation_norm_scale_multiplies_each_relations_logits_by_its_relative_norm():
-    plain, scaled = _model(), _model(relation_norm_scale=True)
-    batch, rels = _batch(), _relations()
-    l_plain, _ = _forward(plain, batch, rels)
-    l_scaled, _ = _forward(scaled, batch, rels)
-    proj = np.asarray(nnx.jit(lambda m, r: m.project_relations(r))(scaled, rels))
-    mask = np.asarray(rels["mask"])
-    norm = np.array([np.linalg.norm(proj[r][mask[r]].mean(0)) for r in range(R)])
-    np.testing.assert_allclose(l_scaled, np.asarray(l_plain) * (norm / norm.mean())[None],
-                               rtol=1e-4, atol=1e-5)
-    assert np.ptp(norm / norm.mean()) > 0.01
-
-
 def test_missing_image_rows_ignore_their_pixels():
     """has_image False: that row's image tokens are masked out, whatever the pixels hold."""
     model = _model()

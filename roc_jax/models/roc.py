@@ -46,9 +46,6 @@ class ROCConfig:
     fusion_layers: int = 2
     proj_dim: int = 256
     temperature_init: float = 0.07
-    # Each relation's logits times the norm of its mean projected description over the mean of
-    # that norm across the relations: a per-relation scale, as a softmax head's row norm |w_r|.
-    relation_norm_scale: bool = False
     train_description_tower: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
@@ -278,19 +275,16 @@ class ROC(nnx.Module):
             return h
         return l2_normalize(self.pair_proj(h))
 
-    def project_relations(self, relations: Mapping[str, Array]) -> Array:
-        """``[R, K, P]`` projected relation-description vectors (not normalized)."""
+    def encode_relations(self, relations: Mapping[str, Array]) -> Array:
+        """``[R, K, P]`` L2-normalized relation-description vectors."""
         mask = relations["mask"]
         if self.description is not None:
             hidden = self.description(relations["input_ids"], relations["attention_mask"])
             emb = mean_pool(hidden, relations["attention_mask"]).reshape(*mask.shape, -1)
         else:
             emb = relations["embeddings"]
-        return self.rel_proj(emb.astype(self.dtype)).astype(jnp.float32)
-
-    def encode_relations(self, relations: Mapping[str, Array]) -> Array:
-        """``[R, K, P]`` L2-normalized relation-description vectors."""
-        return l2_normalize(self.project_relations(relations))
+        proj = self.rel_proj(emb.astype(self.dtype)).astype(jnp.float32)
+        return l2_normalize(proj)
 
     def temperature(self) -> Array:
         # Floor at 0.01 (CLIP caps its logit scale at 100) so the logits cannot blow up.
@@ -304,17 +298,8 @@ class ROC(nnx.Module):
             return logits, {"pair": pair}
         if relations is None:
             raise ValueError("the retrieval head needs the relation descriptions")
-        proj = self.project_relations(relations)  # [R, K, P]
-        rels = l2_normalize(proj)
+        rels = self.encode_relations(relations)
         t = self.temperature()
-        if self.config.relation_norm_scale:  # [1, R]: each relation's own temperature
-            valid = relations["mask"].astype(jnp.float32)
-            mean = jnp.sum(proj * valid[..., None], 1) / jnp.maximum(valid.sum(1), 1.0)[:, None]
-            norm = jnp.linalg.norm(mean, axis=-1)  # [R]
-            present = jnp.any(relations["mask"], axis=-1)
-            scale = norm / jnp.maximum(jnp.sum(norm * present) / jnp.maximum(present.sum(), 1),
-                                       1e-6)
-            t = t / jnp.maximum(scale, 1e-6)[None]
         logits = relation_scores(pair, rels, relations["mask"], t)
         return logits.astype(jnp.float32), {"pair": pair, "relations": rels, "temperature": t}
 
@@ -402,7 +387,6 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         fusion_layers=model_cfg.fusion_layers,
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
-        relation_norm_scale=model_cfg.get("relation_norm_scale", False),
         train_description_tower=model_cfg.train_description_tower,
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
