@@ -48,6 +48,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "roc_trained_descriptions": {**ONE_WAY, "model.train_description_tower": True},
     "roc_no_images": {**ONE_WAY, "data.use_images": False},
     "roc_symmetric": {"train.relation_to_pair_weight": 1.0},
+    "roc_symmetric_fixed": {"train.relation_to_pair_weight": 1.0,
+                            "model.relation_projection": False, "model.proj_dim": 384},
     "cls_symmetric": {"model.head": "classification",  # a control: the default's column loss
                       "train.relation_to_pair_weight": 1.0, "train.softmax_relation_to_pair": True}}
 # setting -> the commit that last had its code (hypotheses that lost on val; docs/results.md).
