@@ -68,9 +68,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.fusion_layers = 2
     c.model.proj_dim = 256
     c.model.temperature_init = 0.07
-    # Retrieval: False scores pairs against the description embeddings, with no learned map
-    # (model.proj_dim must then equal their dimension).
-    c.model.relation_projection = True
     c.model.dtype = "float32"  # compute dtype ('bfloat16' on TPU/GPU); parameters stay float32
     # Batches where no row has an image skip the vision tower and fuse the text alone (lax.cond).
     c.model.skip_vision_without_images = True

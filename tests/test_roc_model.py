@@ -26,7 +26,7 @@ def _model(head="retrieval", images=True, dtype=jnp.float32, **kw):
                                num_hidden_layers=1, num_attention_heads=4, intermediate_size=48),
                      dtype=dtype, rngs=rngs)
     cfg = ROCConfig(num_relations=R, description_dim=20, head=head, fusion_layers=1,
-                    **{"proj_dim": 8, **kw})
+                    proj_dim=8, **kw)
     return ROC(cfg, BertEncoder(tcfg, dtype=dtype, rngs=rngs), vision, None,
                image_dim=24 if images else None, dtype=dtype, rngs=rngs)
 
@@ -89,25 +89,6 @@ def test_retrieval_outputs_and_scores():
                                inter["temperature"])
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     assert np.all(np.abs(np.asarray(logits) * 0.07) <= 1 + 1e-5)  # cosines in [-1, 1]
-
-
-def test_without_relation_projection_pairs_meet_the_description_embeddings():
-    """relation_projection=False: the relation vectors are the normalized description embeddings
-    themselves (no learned map), so a relation's place does not depend on training."""
-    model = _model(relation_projection=False, proj_dim=20)
-    assert model.rel_proj is None
-    rels = _relations()
-    logits, inter = _forward(model, _batch(), rels)
-    emb = np.asarray(rels["embeddings"])
-    np.testing.assert_allclose(inter["relations"], emb / np.linalg.norm(emb, axis=-1,
-                                                                           keepdims=True),
-                               rtol=1e-5, atol=1e-6)
-    assert inter["pair"].shape == (B, 20)
-    np.testing.assert_allclose(logits, relation_scores(inter["pair"], inter["relations"],
-                                                       rels["mask"], inter["temperature"]),
-                               rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="proj_dim=8 must equal their dimension, 20"):
-        _model(relation_projection=False)
 
 
 def test_missing_image_rows_ignore_their_pixels():

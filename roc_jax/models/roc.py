@@ -46,10 +46,6 @@ class ROCConfig:
     fusion_layers: int = 2
     proj_dim: int = 256
     temperature_init: float = 0.07
-    # Retrieval: False scores the pair vector against the description embeddings themselves
-    # (``proj_dim`` must equal ``description_dim``): no map is learned on the seen relations, so
-    # every relation, trained or not, keeps the place its descriptions give it.
-    relation_projection: bool = True
     train_description_tower: bool = False
     skip_vision_without_images: bool = True
     # Batches with 1..vision_rows image rows run the ViT (and the image-token fusion) on those
@@ -67,10 +63,6 @@ class ROCConfig:
             raise ValueError(f"model.head={self.head!r}; expected one of {HEADS}")
         if self.num_relations < 2:
             raise ValueError(f"num_relations={self.num_relations}: need at least 2 relations")
-        if not self.relation_projection and self.proj_dim != self.description_dim:
-            raise ValueError(f"model.relation_projection=False scores pairs against the "
-                             f"description embeddings: model.proj_dim={self.proj_dim} must equal "
-                             f"their dimension, {self.description_dim}")
 
 
 def mean_pool(hidden: Array, mask: Array) -> Array:
@@ -144,8 +136,7 @@ class ROC(nnx.Module):
         self.pair_norm = nnx.LayerNorm(d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         if config.head == "retrieval":
             self.pair_proj = dense(d, config.proj_dim, dtype=dtype, rngs=rngs)
-            self.rel_proj = (dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
-                             if config.relation_projection else None)
+            self.rel_proj = dense(config.description_dim, config.proj_dim, dtype=dtype, rngs=rngs)
             self.log_temperature = nnx.Param(jnp.asarray(math.log(config.temperature_init),
                                                          jnp.float32))
             self.classifier = None
@@ -292,9 +283,8 @@ class ROC(nnx.Module):
             emb = mean_pool(hidden, relations["attention_mask"]).reshape(*mask.shape, -1)
         else:
             emb = relations["embeddings"]
-        if self.rel_proj is None:
-            return l2_normalize(emb)
-        return l2_normalize(self.rel_proj(emb.astype(self.dtype)))
+        proj = self.rel_proj(emb.astype(self.dtype)).astype(jnp.float32)
+        return l2_normalize(proj)
 
     def temperature(self) -> Array:
         # Floor at 0.01 (CLIP caps its logit scale at 100) so the logits cannot blow up.
@@ -397,7 +387,6 @@ def create_model(model_cfg: Any, *, use_images: bool, num_relations: int, seed: 
         fusion_layers=model_cfg.fusion_layers,
         proj_dim=model_cfg.proj_dim,
         temperature_init=model_cfg.temperature_init,
-        relation_projection=model_cfg.get("relation_projection", True),
         train_description_tower=model_cfg.train_description_tower,
         skip_vision_without_images=model_cfg.skip_vision_without_images,
         vision_rows=model_cfg.vision_rows,
