@@ -1,0 +1,59 @@
+"""roc_jax.sentence_prior on the tiny model trained on fixture data."""
+
+import numpy as np
+import pytest
+
+import roc_jax
+from roc_jax import sentence_prior
+from roc_jax.data import sources
+from roc_jax.models.scoring import relation_vectors
+
+
+@pytest.fixture(scope="module")
+def loaded(trained):
+    return roc_jax.load(trained[0])
+
+
+@pytest.fixture(scope="module")
+def val(loaded):
+    return sources.load_sources(loaded.config, ["val"])["val"]
+
+
+def test_weight_zero_is_the_models_own_evaluation(loaded, val):
+    labels, logits = sentence_prior.split_logits(loaded, val)
+    assert logits.shape == (len(val), len(loaded.label_names))
+    assert labels.tolist() == [int(val[i]["relation"]) for i in range(len(val))]
+    swept = sentence_prior.sweep(loaded, val, (0.0, 1.0), unseen=loaded.label_names[1:3])
+    reference = loaded.evaluate_split("val")
+    assert swept["by_weight"]["0.0"]["all_f1"] == pytest.approx(100 * reference["f1"])
+    assert swept["temperature"] == pytest.approx(float(loaded.model.temperature()))
+    assert swept["selected_weight"] in (0.0, 1.0)
+
+
+class _Texts:
+    """A source of records whose tokens are given texts, split on spaces."""
+
+    def __init__(self, texts):
+        self.texts = texts
+
+    def __len__(self):
+        return len(self.texts)
+
+    def text_example(self, i):
+        return {"tokens": self.texts[i].split(" ")}
+
+
+def test_a_description_read_as_a_sentence_lands_where_the_cache_put_it(loaded):
+    cache = loaded.cache
+    r = 1  # its first description: the cache embedded it with the same frozen encoder
+    text = cache.texts[r][0]
+    cos = sentence_prior.sentence_cosines(loaded, _Texts([text]))
+    emb = cache.embeddings[r, 0] / np.linalg.norm(cache.embeddings[r, 0])
+    expected = np.asarray(relation_vectors(cache.embeddings, cache.mask)) @ emb
+    np.testing.assert_allclose(cos[0], expected, atol=1e-4)
+
+
+def test_the_prior_adds_cosines_at_the_models_temperature():
+    logits = np.array([[1.0, 2.0]])
+    cos = np.array([[0.5, -0.5]])
+    np.testing.assert_allclose(sentence_prior.with_prior(logits, cos, 2.0, 0.5), [[3.0, 0.0]])
