@@ -1,9 +1,8 @@
 """A sentence prior for retrieval: relations the model never saw, scored in the encoder's own space.
 
 A trained ROC model scores relation ``r`` with ``cos(pair, W e_r) / T``. Its map ``W`` and the
-pair space are trained on the relations of the training set only, and a relation left out of
-training (the zero-shot protocol, or ``predict(extra_descriptions=...)``) is retrieved for few
-of its samples. This prior adds ``w cos(s, e_r) / T``: ``s`` is the post's plain sentence (no
+pair space are trained on the relations of the training set only, and in the zero-shot
+protocol a relation left out of training is retrieved for few of its samples. This prior adds ``w cos(s, e_r) / T``: ``s`` is the post's plain sentence (no
 entity markers) mean-pooled by the frozen description encoder, ``e_r`` the relation's
 description vector in that encoder's space (``relation_vectors`` of the cached embeddings).
 It is a prediction rule on top of a trained checkpoint: nothing is trained, and ``w = 0`` is
@@ -28,6 +27,7 @@ def split_logits(loaded: Any, source: Any) -> tuple[np.ndarray, np.ndarray]:
     """Gold labels int ``[N]`` and the model's logits float32 ``[N, R]`` of ``source``, in order.
 
     ``loaded``: ``roc_jax.load(...)`` of a retrieval checkpoint; ``source``: a split's source.
+    One process: the logits of every row are read on this host.
     """
     tr = loaded.exp.trainer
     labels, logits = [], []
