@@ -2,11 +2,15 @@
 
 A trained ROC model scores relation ``r`` with ``cos(pair, W e_r) / T``. Its map ``W`` and the
 pair space are trained on the relations of the training set only, and in the zero-shot
-protocol a relation left out of training is retrieved for few of its samples. This prior adds ``w cos(s, e_r) / T``: ``s`` is the post's plain sentence (no
-entity markers) mean-pooled by the frozen description encoder, ``e_r`` the relation's
-description vector in that encoder's space (``relation_vectors`` of the cached embeddings).
-It is a prediction rule on top of a trained checkpoint: nothing is trained, and ``w = 0`` is
-the model's own prediction. ``benchmarks/sentence_prior.py`` measures it (docs/results.md).
+protocol a relation left out of training is retrieved for few of its samples. This prior adds
+``w cos(s, e_r) / T``: ``s`` is the post's plain sentence (no entity markers) mean-pooled by the
+frozen description encoder, ``e_r`` the relation's description vector in that encoder's space
+(``relation_vectors`` of the cached embeddings). Calibrated stacking (Chao et al., ECCV 2016),
+the generalized zero-shot rule for a model whose scores favour the classes it was trained on,
+adds ``b / T`` to the relations left out of training (the checkpoint's
+``data.unseen_relations``). Both are prediction rules on top of a trained checkpoint: nothing
+is trained, and ``w = b = 0`` is the model's own prediction. ``benchmarks/sentence_prior.py``
+measures them (docs/results.md).
 """
 
 from __future__ import annotations
@@ -67,9 +71,14 @@ def temperature(loaded: Any) -> float:
     return float(np.asarray(loaded.model.temperature()))
 
 
-def with_prior(logits: np.ndarray, cosines: np.ndarray, weight: float, t: float) -> np.ndarray:
-    """``logits + weight * cosines / t``: ``[N, R], [N, R] -> [N, R]``."""
-    return logits + weight * cosines / t
+def with_prior(logits: np.ndarray, cosines: np.ndarray, weight: float, t: float,
+               offset: float = 0.0, unseen: np.ndarray | None = None) -> np.ndarray:
+    """``logits + (weight * cosines + offset * unseen) / t``: ``[N, R], [N, R], [R] -> [N, R]``.
+
+    ``unseen``: bool ``[R]``, the relations without training samples (needed when ``offset``).
+    """
+    out = logits + weight * cosines / t
+    return out if offset == 0 else out + offset * np.asarray(unseen, np.float32) / t
 
 
 def figures(labels: np.ndarray, pred: np.ndarray, names: Sequence[str],
@@ -84,28 +93,69 @@ def figures(labels: np.ndarray, pred: np.ndarray, names: Sequence[str],
             "seen_f1": 100 * metrics.subset_prf(cm, seen)["f1"]}
 
 
-def sweep(loaded: Any, source: Any, weights: Sequence[float],
-          unseen: Sequence[str]) -> dict[str, Any]:
-    """Every weight's ``figures`` on ``source`` and the weight with the best all-relations F1
-    (ties: the smaller weight), the rule by which a checkpoint is selected on val."""
+def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[str],
+          offsets: Sequence[float] = (0.0,)) -> dict[str, Any]:
+    """Every (weight, offset)'s ``figures`` on ``source``, and the best by all-relations F1, the
+    rule by which a checkpoint is selected on val (ties: the smaller offset, then weight).
+
+    ``by_weight`` and ``selected`` are the prior alone (offset 0); with more ``offsets``,
+    ``by_offset`` (offset -> weight -> figures) and ``calibrated`` add the unseen offset.
+    """
+    if 0.0 not in offsets:
+        raise ValueError(f"offsets {offsets} must hold 0.0 (the prior alone)")
     labels, logits = split_logits(loaded, source)
     cos, t = sentence_cosines(loaded, source), temperature(loaded)
-    rows = {str(w): figures(labels, np.argmax(with_prior(logits, cos, w, t), -1),
-                            loaded.label_names, unseen) for w in weights}
-    best = max(weights, key=lambda w: (rows[str(w)]["all_f1"], -w))
-    return {"temperature": t, "by_weight": rows, "selected_weight": best,
-            "selected": rows[str(best)]}
+    is_unseen = np.isin(np.asarray(loaded.label_names), list(unseen))
+    grid = {str(b): {str(w): figures(labels, np.argmax(with_prior(logits, cos, w, t, b, is_unseen),
+                                                       -1), loaded.label_names, unseen)
+                     for w in weights} for b in offsets}
+    w, _ = best_of([grid], weights, [0.0])
+    out = {"temperature": t, "by_weight": grid["0.0"], "selected_weight": w,
+           "selected": grid["0.0"][str(w)]}
+    if len(offsets) > 1:
+        w, b = best_of([grid], weights, offsets)
+        out |= {"by_offset": grid, "calibrated": {"weight": w, "offset": b, **grid[str(b)][str(w)]}}
+    return out
+
+
+def best_of(grids: Sequence[dict[str, Any]], weights: Sequence[float],
+            offsets: Sequence[float]) -> tuple[float, float]:
+    """The (weight, offset) with the best mean all-relations F1 over ``grids`` (``by_offset``
+    of one or more runs); ties: the smaller offset, then the smaller weight."""
+    def score(wb: tuple[float, float]) -> tuple[float, float, float]:
+        w, b = wb
+        return (float(np.mean([g[str(b)][str(w)]["all_f1"] for g in grids])), -b, -w)
+    return max(((w, b) for b in offsets for w in weights), key=score)
+
+
+def held_out(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run's figures at the (weight, offset) that the *other* runs select (leave one seed
+    out): the choice is not made on the checkpoint it is reported for."""
+    out = []
+    for i, run in enumerate(runs):
+        others = [r["by_offset"] for j, r in enumerate(runs) if j != i]
+        weights = [float(w) for w in run["by_weight"]]
+        w, b = best_of(others, weights, [float(b) for b in run["by_offset"]])
+        out.append({"seed": run["seed"], "weight": w, "offset": b,
+                    **run["by_offset"][str(b)][str(w)]})
+    return out
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per ``kind`` of run (``zero_shot``, ``full``): seeds, selected weights, and the mean of
-    every figure at the selected weight and without the prior (``by_weight['0.0']``)."""
+    every figure at the selected weight and without the prior (``by_weight['0.0']``); where
+    every run has offsets, also calibrated (each run's own choice) and held out (``held_out``)."""
+    keys = ("all_f1", "unseen_f1", "seen_f1")
     out = {}
     for kind in dict.fromkeys(r["kind"] for r in runs):
         mine = [r for r in runs if r["kind"] == kind]
+        rows = {which: [r[which] for r in mine] for which in ("selected", "without_prior")}
         out[kind] = {"seeds": [r["seed"] for r in mine],
-                     "selected_weights": [r["selected_weight"] for r in mine],
-                     **{f"{k}_{which}": float(np.mean([r[which][k] for r in mine]))
-                        for which in ("selected", "without_prior")
-                        for k in ("all_f1", "unseen_f1", "seen_f1")}}
+                     "selected_weights": [r["selected_weight"] for r in mine]}
+        if len(mine) > 1 and all("by_offset" in r for r in mine):
+            rows |= {"calibrated": [r["calibrated"] for r in mine], "held_out": held_out(mine)}
+            out[kind] |= {f"{which}_weights_offsets": [[r["weight"], r["offset"]] for r in rows[which]]
+                          for which in ("calibrated", "held_out")}
+        out[kind] |= {f"{k}_{which}": float(np.mean([r[k] for r in group]))
+                      for which, group in rows.items() for k in keys}
     return out

@@ -57,3 +57,37 @@ def test_the_prior_adds_cosines_at_the_models_temperature():
     logits = np.array([[1.0, 2.0]])
     cos = np.array([[0.5, -0.5]])
     np.testing.assert_allclose(sentence_prior.with_prior(logits, cos, 2.0, 0.5), [[3.0, 0.0]])
+
+
+def test_the_offset_goes_to_the_unseen_relations_alone():
+    logits = np.zeros((1, 3))
+    cos = np.array([[0.5, 0.0, 0.25]])
+    unseen = np.array([False, True, False])
+    np.testing.assert_allclose(sentence_prior.with_prior(logits, cos, 1.0, 0.5, 0.2, unseen),
+                               [[1.0, 0.4, 0.5]])
+
+
+def test_a_large_offset_predicts_only_unseen_relations(loaded, val):
+    unseen = loaded.label_names[1:3]
+    swept = sentence_prior.sweep(loaded, val, (0.0, 1.0), unseen, offsets=(0.0, 1e3))
+    assert swept["by_offset"]["0.0"] == swept["by_weight"]
+    for row in swept["by_offset"]["1000.0"].values():
+        assert row["seen_f1"] == 0.0  # no seen relation (and no None) is predicted any more
+    chosen = swept["calibrated"]
+    assert swept["by_offset"][str(chosen["offset"])][str(chosen["weight"])]["all_f1"] == max(
+        row["all_f1"] for grid in swept["by_offset"].values() for row in grid.values())
+
+
+def _run(seed, best):
+    """A run whose all-relations F1 is 1 at (weight, offset) ``best`` and 0 elsewhere."""
+    grid = {str(b): {str(w): {"all_f1": float((w, b) == best), "unseen_f1": 10.0 * seed,
+                              "seen_f1": 0.0} for w in (0.0, 1.0)} for b in (0.0, 0.5)}
+    return {"kind": "zero_shot", "seed": seed, "by_weight": grid["0.0"], "by_offset": grid}
+
+
+def test_held_out_choice_comes_from_the_other_seeds():
+    runs = [_run(0, (1.0, 0.5)), _run(1, (0.0, 0.5)), _run(2, (0.0, 0.5))]
+    picks = sentence_prior.held_out(runs)
+    assert [(p["weight"], p["offset"]) for p in picks] == [(0.0, 0.5), (0.0, 0.5), (0.0, 0.5)]
+    assert [p["all_f1"] for p in picks] == [0.0, 1.0, 1.0]  # seed 0's own best is not used
+    assert [p["unseen_f1"] for p in picks] == [0.0, 10.0, 20.0]
