@@ -99,7 +99,8 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
     rule by which a checkpoint is selected on val (ties: the smaller offset, then weight).
 
     ``by_weight`` and ``selected`` are the prior alone (offset 0); with more ``offsets``,
-    ``by_offset`` (offset -> weight -> figures) and ``calibrated`` add the unseen offset.
+    ``by_offset`` (offset -> weight -> figures), ``calibrated`` (both) and ``offset_only``
+    (weight 0) add the unseen offset.
     """
     if 0.0 not in offsets:
         raise ValueError(f"offsets {offsets} must hold 0.0 (the prior alone)")
@@ -114,7 +115,9 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
            "selected": grid["0.0"][str(w)]}
     if len(offsets) > 1:
         w, b = best_of([grid], weights, offsets)
-        out |= {"by_offset": grid, "calibrated": {"weight": w, "offset": b, **grid[str(b)][str(w)]}}
+        _, b0 = best_of([grid], [0.0], offsets)
+        out |= {"by_offset": grid, "calibrated": {"weight": w, "offset": b, **grid[str(b)][str(w)]},
+                "offset_only": {"weight": 0.0, "offset": b0, **grid[str(b0)]["0.0"]}}
     return out
 
 
@@ -144,7 +147,8 @@ def held_out(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per ``kind`` of run (``zero_shot``, ``full``): seeds, selected weights, and the mean of
     every figure at the selected weight and without the prior (``by_weight['0.0']``); where
-    every run has offsets, also calibrated (each run's own choice) and held out (``held_out``)."""
+    every run has offsets, also the offset alone and with the prior (each run's own choice) and
+    the held-out choice (``held_out``)."""
     keys = ("all_f1", "unseen_f1", "seen_f1")
     out = {}
     for kind in dict.fromkeys(r["kind"] for r in runs):
@@ -153,9 +157,10 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out[kind] = {"seeds": [r["seed"] for r in mine],
                      "selected_weights": [r["selected_weight"] for r in mine]}
         if len(mine) > 1 and all("by_offset" in r for r in mine):
-            rows |= {"calibrated": [r["calibrated"] for r in mine], "held_out": held_out(mine)}
+            rows |= {which: [r[which] for r in mine] for which in ("offset_only", "calibrated")}
+            rows["held_out"] = held_out(mine)
             out[kind] |= {f"{which}_weights_offsets": [[r["weight"], r["offset"]] for r in rows[which]]
-                          for which in ("calibrated", "held_out")}
+                          for which in ("offset_only", "calibrated", "held_out")}
         out[kind] |= {f"{k}_{which}": float(np.mean([r[k] for r in group]))
                       for which, group in rows.items() for k in keys}
     return out

@@ -73,6 +73,8 @@ def test_a_large_offset_predicts_only_unseen_relations(loaded, val):
     assert swept["by_offset"]["0.0"] == swept["by_weight"]
     for row in swept["by_offset"]["1000.0"].values():
         assert row["seen_f1"] == 0.0  # no seen relation (and no None) is predicted any more
+    assert swept["offset_only"] == {"weight": 0.0, "offset": swept["offset_only"]["offset"],
+                                    **swept["by_offset"][str(swept["offset_only"]["offset"])]["0.0"]}
     chosen = swept["calibrated"]
     assert swept["by_offset"][str(chosen["offset"])][str(chosen["weight"])]["all_f1"] == max(
         row["all_f1"] for grid in swept["by_offset"].values() for row in grid.values())
