@@ -1,7 +1,8 @@
 """The sentence prior (``roc_jax.sentence_prior``) on trained MNRE-2 workdirs, val, every weight.
 
 ``zero_shot=DIR``: trained with ``mnre_quality.py --protocol zero_shot``; ``full=DIR``: trained
-on all relations (no offsets: nothing is unseen). Updates ``benchmarks/results/sentence_prior.json``
+on all relations (no offsets: nothing is unseen). Either head; a classification run's kind is
+suffixed ``_classification``. Updates ``benchmarks/results/sentence_prior.json``
 (a run of the same kind and seed is replaced); see docs/results.md.
 
     python benchmarks/sentence_prior.py --data_dir /path/to/mnre --workdirs zero_shot=runs/zs_s0
@@ -18,8 +19,10 @@ from benchlib import machine, write_json
 from mnre_quality import UNSEEN_RELATIONS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sentence_prior.json"
-WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)  # w, in units of 1 / T
-OFFSETS = tuple(round(0.025 * i, 3) for i in range(13))  # b, cosine units (0 to 0.3), zero-shot runs only
+# In logits; ROC's are cosines / T with T about 0.07, so w = 10 weighs the prior about like the
+# model's own cosine.
+WEIGHTS = (0.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5, 20.0, 25.0, 30.0, 40.0)
+OFFSETS = tuple(0.25 * i for i in range(13))  # zero-shot runs only
 
 
 def main() -> None:
@@ -41,9 +44,11 @@ def main() -> None:
         if kind == "zero_shot" and tuple(loaded.config.data.unseen_relations) != UNSEEN_RELATIONS:
             raise SystemExit(f"{workdir}: not trained with mnre_quality.py --protocol zero_shot")
         source = sources.load_sources(loaded.config, ["val"])["val"]
+        if loaded.config.model.head != "retrieval":
+            kind = f"{kind}_{loaded.config.model.head}"
         run = {"kind": kind, "workdir": workdir, "seed": int(loaded.config.seed),
                **sentence_prior.sweep(loaded, source, WEIGHTS, UNSEEN_RELATIONS,
-                                      OFFSETS if kind == "zero_shot" else (0.0,))}
+                                      OFFSETS if kind.startswith("zero_shot") else (0.0,))}
         runs = [r for r in runs if (r["kind"], r["seed"]) != (kind, run["seed"])]
         runs.append({**run, "without_prior": run["by_weight"]["0.0"], "seconds": time.time() - t0})
         print(kind, run["seed"], run["selected_weight"], run["selected"], run.get("calibrated"),

@@ -3,13 +3,14 @@
 A trained ROC model scores relation ``r`` with ``cos(pair, W e_r) / T``. Its map ``W`` and the
 pair space are trained on the relations of the training set only, and in the zero-shot
 protocol a relation left out of training is retrieved for few of its samples. This prior adds
-``w cos(s, e_r) / T``: ``s`` is the post's plain sentence (no entity markers) mean-pooled by the
+``w cos(s, e_r)`` to the logits: ``s`` is the post's plain sentence (no entity markers) mean-pooled by the
 frozen description encoder, ``e_r`` the relation's description vector in that encoder's space
 (``relation_vectors`` of the cached embeddings). Calibrated stacking (Chao et al., ECCV 2016),
 the generalized zero-shot rule for a model whose scores favour the classes it was trained on,
-adds ``b / T`` to the relations left out of training (the checkpoint's
-``data.unseen_relations``). Both are prediction rules on top of a trained checkpoint: nothing
-is trained, and ``w = b = 0`` is the model's own prediction. ``benchmarks/sentence_prior.py``
+adds ``b`` to the logits of the relations left out of training (the checkpoint's
+``data.unseen_relations``). ``w`` and ``b`` are in logits, so both rules apply to either head
+(a retrieval logit is a cosine over the temperature ``T``). They are prediction rules on top of
+a trained checkpoint: nothing is trained, and ``w = b = 0`` is the model's own prediction. ``benchmarks/sentence_prior.py``
 measures them (docs/results.md).
 """
 
@@ -66,19 +67,21 @@ def sentence_cosines(loaded: Any, source: Any) -> np.ndarray:
     return sent @ np.asarray(relation_vectors(cache.embeddings, cache.mask)).T  # [N, R]
 
 
-def temperature(loaded: Any) -> float:
-    """The checkpoint's learned retrieval temperature ``T``."""
+def temperature(loaded: Any) -> float | None:
+    """The checkpoint's learned retrieval temperature ``T`` (None for the classification head)."""
+    if loaded.config.model.head != "retrieval":
+        return None
     return float(np.asarray(loaded.model.temperature()))
 
 
-def with_prior(logits: np.ndarray, cosines: np.ndarray, weight: float, t: float,
-               offset: float = 0.0, unseen: np.ndarray | None = None) -> np.ndarray:
-    """``logits + (weight * cosines + offset * unseen) / t``: ``[N, R], [N, R], [R] -> [N, R]``.
+def with_prior(logits: np.ndarray, cosines: np.ndarray, weight: float, offset: float = 0.0,
+               unseen: np.ndarray | None = None) -> np.ndarray:
+    """``logits + weight * cosines + offset * unseen``: ``[N, R], [N, R], [R] -> [N, R]``.
 
     ``unseen``: bool ``[R]``, the relations without training samples (needed when ``offset``).
     """
-    out = logits + weight * cosines / t
-    return out if offset == 0 else out + offset * np.asarray(unseen, np.float32) / t
+    out = logits + weight * cosines
+    return out if offset == 0 else out + offset * np.asarray(unseen, np.float32)
 
 
 def figures(labels: np.ndarray, pred: np.ndarray, names: Sequence[str],
@@ -105,14 +108,14 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
     if 0.0 not in offsets:
         raise ValueError(f"offsets {offsets} must hold 0.0 (the prior alone)")
     labels, logits = split_logits(loaded, source)
-    cos, t = sentence_cosines(loaded, source), temperature(loaded)
+    cos = sentence_cosines(loaded, source)
     is_unseen = np.isin(np.asarray(loaded.label_names), list(unseen))
-    grid = {str(b): {str(w): figures(labels, np.argmax(with_prior(logits, cos, w, t, b, is_unseen),
+    grid = {str(b): {str(w): figures(labels, np.argmax(with_prior(logits, cos, w, b, is_unseen),
                                                        -1), loaded.label_names, unseen)
                      for w in weights} for b in offsets}
     w, _ = best_of([grid], weights, [0.0])
-    out = {"temperature": t, "by_weight": grid["0.0"], "selected_weight": w,
-           "selected": grid["0.0"][str(w)]}
+    out = {"head": loaded.config.model.head, "temperature": temperature(loaded),
+           "by_weight": grid["0.0"], "selected_weight": w, "selected": grid["0.0"][str(w)]}
     if len(offsets) > 1:
         w, b = best_of([grid], weights, offsets)
         _, b0 = best_of([grid], [0.0], offsets)

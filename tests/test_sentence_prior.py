@@ -53,17 +53,17 @@ def test_a_description_read_as_a_sentence_lands_where_the_cache_put_it(loaded):
     np.testing.assert_allclose(cos[0], expected, atol=1e-4)
 
 
-def test_the_prior_adds_cosines_at_the_models_temperature():
+def test_the_prior_adds_weighted_cosines_to_the_logits():
     logits = np.array([[1.0, 2.0]])
     cos = np.array([[0.5, -0.5]])
-    np.testing.assert_allclose(sentence_prior.with_prior(logits, cos, 2.0, 0.5), [[3.0, 0.0]])
+    np.testing.assert_allclose(sentence_prior.with_prior(logits, cos, 4.0), [[3.0, 0.0]])
 
 
 def test_the_offset_goes_to_the_unseen_relations_alone():
     logits = np.zeros((1, 3))
     cos = np.array([[0.5, 0.0, 0.25]])
     unseen = np.array([False, True, False])
-    np.testing.assert_allclose(sentence_prior.with_prior(logits, cos, 1.0, 0.5, 0.2, unseen),
+    np.testing.assert_allclose(sentence_prior.with_prior(logits, cos, 2.0, 0.4, unseen),
                                [[1.0, 0.4, 0.5]])
 
 
