@@ -101,9 +101,8 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
     """Every (weight, offset)'s ``figures`` on ``source``, and the best by all-relations F1, the
     rule by which a checkpoint is selected on val (ties: the smaller offset, then weight).
 
-    ``by_weight`` and ``selected`` are the prior alone (offset 0); with more ``offsets``,
-    ``by_offset`` (offset -> weight -> figures), ``calibrated`` (both) and ``offset_only``
-    (weight 0) add the unseen offset.
+    ``by_offset``: offset -> weight -> figures; ``by_weight`` and ``selected``: the prior alone
+    (offset 0); with more ``offsets``, ``calibrated`` (both) and ``offset_only`` (weight 0).
     """
     if 0.0 not in offsets:
         raise ValueError(f"offsets {offsets} must hold 0.0 (the prior alone)")
@@ -115,11 +114,12 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
                      for w in weights} for b in offsets}
     w, _ = best_of([grid], weights, [0.0])
     out = {"head": loaded.config.model.head, "temperature": temperature(loaded),
-           "by_weight": grid["0.0"], "selected_weight": w, "selected": grid["0.0"][str(w)]}
+           "by_weight": grid["0.0"], "by_offset": grid, "selected_weight": w,
+           "selected": grid["0.0"][str(w)]}
     if len(offsets) > 1:
         w, b = best_of([grid], weights, offsets)
         _, b0 = best_of([grid], [0.0], offsets)
-        out |= {"by_offset": grid, "calibrated": {"weight": w, "offset": b, **grid[str(b)][str(w)]},
+        out |= {"calibrated": {"weight": w, "offset": b, **grid[str(b)][str(w)]},
                 "offset_only": {"weight": 0.0, "offset": b0, **grid[str(b0)]["0.0"]}}
     return out
 
@@ -149,9 +149,9 @@ def held_out(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per ``kind`` of run (``zero_shot``, ``full``): seeds, selected weights, and the mean of
-    every figure at the selected weight and without the prior (``by_weight['0.0']``); where
-    every run has offsets, also the offset alone and with the prior (each run's own choice) and
-    the held-out choice (``held_out``)."""
+    every figure at the selected weight, without the prior (``by_weight['0.0']``) and, with more
+    than one run, at the held-out choice (``held_out``); where the runs have offsets, also the
+    offset alone and with the prior (each run's own choice)."""
     keys = ("all_f1", "unseen_f1", "seen_f1")
     out = {}
     for kind in dict.fromkeys(r["kind"] for r in runs):
@@ -159,11 +159,12 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rows = {which: [r[which] for r in mine] for which in ("selected", "without_prior")}
         out[kind] = {"seeds": [r["seed"] for r in mine],
                      "selected_weights": [r["selected_weight"] for r in mine]}
-        if len(mine) > 1 and all("by_offset" in r for r in mine):
+        if all("calibrated" in r for r in mine):
             rows |= {which: [r[which] for r in mine] for which in ("offset_only", "calibrated")}
+        if len(mine) > 1:
             rows["held_out"] = held_out(mine)
-            out[kind] |= {f"{which}_weights_offsets": [[r["weight"], r["offset"]] for r in rows[which]]
-                          for which in ("offset_only", "calibrated", "held_out")}
+        out[kind] |= {f"{which}_weights_offsets": [[r["weight"], r["offset"]] for r in rows[which]]
+                      for which in ("offset_only", "calibrated", "held_out") if which in rows}
         out[kind] |= {f"{k}_{which}": float(np.mean([r[k] for r in group]))
                       for which, group in rows.items() for k in keys}
     return out

@@ -93,3 +93,17 @@ def test_held_out_choice_comes_from_the_other_seeds():
     assert [(p["weight"], p["offset"]) for p in picks] == [(0.0, 0.5), (0.0, 0.5), (0.0, 0.5)]
     assert [p["all_f1"] for p in picks] == [0.0, 1.0, 1.0]  # seed 0's own best is not used
     assert [p["unseen_f1"] for p in picks] == [0.0, 10.0, 20.0]
+
+
+def test_summary_of_runs_without_offsets_holds_the_held_out_weight():
+    runs = []
+    for seed, best in enumerate((1.0, 1.0, 0.0)):
+        grid = {"0.0": {str(w): {"all_f1": float(w == best), "unseen_f1": 0.0, "seen_f1": 1.0 + seed}
+                        for w in (0.0, 1.0)}}
+        runs.append({"kind": "full", "seed": seed, "by_weight": grid["0.0"], "by_offset": grid,
+                     "selected_weight": best, "selected": grid["0.0"][str(best)],
+                     "without_prior": grid["0.0"]["0.0"]})
+    summary = sentence_prior.summarize(runs)["full"]
+    assert summary["held_out_weights_offsets"] == [[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
+    assert summary["all_f1_held_out"] == pytest.approx(0.0)  # each seed's own best is never used
+    assert summary["all_f1_selected"] == 1.0 and "calibrated_weights_offsets" not in summary
