@@ -1,17 +1,17 @@
 """A sentence prior for retrieval: relations the model never saw, scored in the encoder's own space.
 
-A trained ROC model scores relation ``r`` with ``cos(pair, W e_r) / T``. Its map ``W`` and the
-pair space are trained on the relations of the training set only, and in the zero-shot
-protocol a relation left out of training is retrieved for few of its samples. This prior adds
-``w cos(s, e_r)`` to the logits: ``s`` is the post's plain sentence (no entity markers) mean-pooled by the
-frozen description encoder, ``e_r`` the relation's description vector in that encoder's space
-(``relation_vectors`` of the cached embeddings). Calibrated stacking (Chao et al., ECCV 2016),
-the generalized zero-shot rule for a model whose scores favour the classes it was trained on,
-adds ``b`` to the logits of the relations left out of training (the checkpoint's
-``data.unseen_relations``). ``w`` and ``b`` are in logits, so both rules apply to either head
-(a retrieval logit is a cosine over the temperature ``T``). They are prediction rules on top of
-a trained checkpoint: nothing is trained, and ``w = b = 0`` is the model's own prediction. ``benchmarks/sentence_prior.py``
-measures them (docs/results.md).
+A trained ROC model scores relation ``r`` with ``cos(pair, W e_r) / T``. Its map ``W`` and the pair
+space are trained on the relations of the training set only, and in the zero-shot protocol a
+relation left out of training is retrieved for few of its samples. This prior adds
+``w cos(s, e_r)`` to the logits: ``s`` is the post's plain sentence (no entity markers)
+mean-pooled by the frozen description encoder, ``e_r`` the relation's description vector in that encoder's space
+(``relation_vectors`` of the cached embeddings). Calibrated stacking (Chao et al., ECCV 2016), the
+generalized zero-shot rule for a model whose scores favour the classes it was trained on, adds
+``b`` to the logits of the relations left out of training (the checkpoint's
+``data.unseen_relations``). ``w`` and ``b`` are in logits, so both rules apply to either head (a
+retrieval logit is a cosine over the temperature ``T``). They are prediction rules on top of a
+trained checkpoint: nothing is trained, and ``w = b = 0`` is the model's own prediction.
+``benchmarks/sentence_prior.py`` measures them (docs/results.md).
 """
 
 from __future__ import annotations
@@ -109,8 +109,11 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
     labels, logits = split_logits(loaded, source)
     cos = sentence_cosines(loaded, source)
     is_unseen = np.isin(np.asarray(loaded.label_names), list(unseen))
-    grid = {str(b): {str(w): figures(labels, np.argmax(with_prior(logits, cos, w, b, is_unseen),
-                                                       -1), loaded.label_names, unseen)
+
+    def predicted(w: float, b: float) -> np.ndarray:  # int [N]
+        return np.argmax(with_prior(logits, cos, w, b, is_unseen), -1)
+
+    grid = {str(b): {str(w): figures(labels, predicted(w, b), loaded.label_names, unseen)
                      for w in weights} for b in offsets}
     w, _ = best_of([grid], weights, [0.0])
     out = {"head": loaded.config.model.head, "temperature": temperature(loaded),
