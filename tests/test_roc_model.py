@@ -9,7 +9,7 @@ from roc_testutil import load_config
 
 from roc_jax.models.bert import BertConfig, BertEncoder
 from roc_jax.models.roc import ROC, ROCConfig, box_patch_weights
-from roc_jax.models.scoring import relation_scores
+from roc_jax.models.scoring import NO_DESCRIPTION_SCORE, relation_scores
 from roc_jax.models.vit import ViT, ViTConfig
 
 R, K, B, L, D = 4, 3, 4, 12, 32
@@ -178,6 +178,19 @@ def test_classification_head():
     logits, inter = _forward(model, _batch(), None)
     assert logits.shape == (B, R)
     assert "relations" not in inter
+
+
+def test_a_relation_without_descriptions_is_no_candidate_for_either_head():
+    """Zero-shot training masks a relation's descriptions: neither head scores it, and the
+    softmax head's row for it gets no gradient (it is not trained as a negative)."""
+    rel = _relations()
+    rel = {**rel, "mask": rel["mask"].at[2].set(False)}
+    for head in ("retrieval", "classification"):
+        logits, _, grads = _logits_loss_grads(_model(head=head), _batch(), rel)
+        np.testing.assert_array_equal(logits[:, 2], NO_DESCRIPTION_SCORE)
+        assert np.all(np.asarray(logits[:, [0, 1, 3]]) > NO_DESCRIPTION_SCORE / 2), head
+    kernel = np.asarray(grads["classifier"]["kernel"][...])  # [D', R]
+    assert np.all(kernel[:, 2] == 0) and np.all(np.abs(kernel[:, [0, 1, 3]]).sum(0) > 0)
 
 
 def test_gradients_flow_to_every_new_layer():

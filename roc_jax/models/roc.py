@@ -29,7 +29,7 @@ from flax import nnx
 
 from roc_jax.models.bert import BertConfig, BertEncoder, BertLayer
 from roc_jax.models.layers import dense
-from roc_jax.models.scoring import l2_normalize, relation_scores
+from roc_jax.models.scoring import NO_DESCRIPTION_SCORE, l2_normalize, relation_scores
 
 Array = jax.Array
 
@@ -99,7 +99,8 @@ class ROC(nnx.Module):
         ``has_image [B]``, ``tail_box [B, 4]``, ``tail_is_object [B]``).
       relations: ``{'embeddings': [R, K, Dd], 'mask': [R, K]}`` from the description cache, or,
         when the description tower is trained, ``{'input_ids': [R*K, Ld],
-        'attention_mask': [R*K, Ld], 'mask': [R, K]}``. Unused by the classification head.
+        'attention_mask': [R*K, Ld], 'mask': [R, K]}``. The classification head reads only
+        ``mask`` (a relation with no description is no candidate), and may be given None.
     Returns ``(logits [B, R] float32, intermediates)``.
     """
 
@@ -295,6 +296,12 @@ class ROC(nnx.Module):
         pair = self.encode_pair(batch)
         if self.config.head == "classification":
             logits = self.classifier(pair).astype(jnp.float32)
+            if relations is not None:
+                # The candidate rule of both heads: a relation whose descriptions are all masked
+                # (zero-shot training) is no candidate, so its row of the softmax is not trained
+                # as a negative either.
+                logits = jnp.where(jnp.any(relations["mask"], axis=-1)[None], logits,
+                                   NO_DESCRIPTION_SCORE)
             return logits, {"pair": pair}
         if relations is None:
             raise ValueError("the retrieval head needs the relation descriptions")
