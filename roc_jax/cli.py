@@ -193,7 +193,22 @@ def _eval(argv: list[str]) -> None:
     split = FLAGS.split or loaded.config.data.eval_split
     out_dir = Path(FLAGS.output_dir or Path(FLAGS.workdir) / "eval")
     evaluated = None
-    if FLAGS.perturbation or FLAGS.explain or FLAGS.descriptions or FLAGS.descriptions_k:
+    variant = FLAGS.perturbation or FLAGS.explain or FLAGS.descriptions or FLAGS.descriptions_k
+    if FLAGS.prior_weight or FLAGS.unseen_offset:
+        # The prediction rules of roc_jax.sentence_prior (docs/results.md).
+        from roc_jax import sentence_prior
+
+        if variant:
+            sys.exit("error: --prior_weight/--unseen_offset evaluate the plain split; drop "
+                     "--perturbation, --explain and --descriptions(_k)")
+        try:
+            result = sentence_prior.evaluate(loaded, inference.split_source(loaded, split),
+                                             FLAGS.prior_weight, FLAGS.unseen_offset)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        out_dir = out_dir.with_name(
+            f"{out_dir.name}_prior_w{FLAGS.prior_weight:g}_b{FLAGS.unseen_offset:g}")
+    elif variant:
         # Per-sample evaluation over the raw files (perturbed, other descriptions, explained).
         from roc_jax import robustness
 
@@ -242,6 +257,10 @@ def eval_main() -> None:
     flags.DEFINE_string("descriptions", None, "Score with this descriptions file instead of the "
                         "checkpoint's (retrieval head, frozen description tower).")
     flags.DEFINE_integer("descriptions_k", None, "Keep the first K descriptions of each relation.")
+    flags.DEFINE_float("prior_weight", 0.0, "Add this weight times the sentence prior (the "
+                       "post's cosine to each relation's descriptions) to the logits.")
+    flags.DEFINE_float("unseen_offset", 0.0, "Add this to the logits of the checkpoint's "
+                       "data.unseen_relations (calibrated stacking, zero-shot runs).")
     flags.mark_flags_as_required(["workdir"])
     app.run(_eval)
 

@@ -130,11 +130,10 @@ def load(workdir: str | Path, *, checkpoint: str | int = "best", data_dir: str |
     return Loaded(config, list(meta["label_names"]), step, exp, meta)
 
 
-def evaluate_split(loaded: Loaded, split: str, *, data_dir: str | None = None,
-                   batch_size: int | None = None) -> dict[str, Any]:
-    """Metrics of ``split`` (``metrics.evaluate``'s dict) read from the raw data folder; raises
-    ``CheckpointError`` when that folder's label set is not the checkpoint's."""
-    from roc_jax.data import pipeline, sources
+def split_source(loaded: Loaded, split: str, *, data_dir: str | None = None) -> Any:
+    """The source of ``split`` from the raw data folder; raises ``CheckpointError`` when that
+    folder's label set is not the checkpoint's."""
+    from roc_jax.data import sources
 
     config = loaded.config
     if data_dir is not None:
@@ -143,8 +142,17 @@ def evaluate_split(loaded: Loaded, split: str, *, data_dir: str | None = None,
         raise ckpt.CheckpointError(
             f"{config.data.raw_dir}: its label file differs from the checkpoint's label set "
             f"({len(loaded.label_names)} relations)")
-    source = sources.load_sources(config, [split])[split]
-    bs = batch_size or config.train.eval_batch_size
+    return sources.load_sources(config, [split])[split]
+
+
+def evaluate_split(loaded: Loaded, split: str, *, data_dir: str | None = None,
+                   batch_size: int | None = None) -> dict[str, Any]:
+    """Metrics of ``split`` (``metrics.evaluate``'s dict) read from the raw data folder; raises
+    ``CheckpointError`` when that folder's label set is not the checkpoint's."""
+    from roc_jax.data import pipeline
+
+    source = split_source(loaded, split, data_dir=data_dir)
+    bs = batch_size or loaded.config.train.eval_batch_size
     batches = pipeline.make_eval_batches(source, loaded.tokenizer, loaded.exp.pipeline_cfg, bs)
     return train_lib.evaluate(loaded.exp.trainer, loaded.params, batches, loaded.exp.relations,
                               loaded.label_names)

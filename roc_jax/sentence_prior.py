@@ -11,7 +11,8 @@ generalized zero-shot rule for a model whose scores favour the classes it was tr
 ``data.unseen_relations``). ``w`` and ``b`` are in logits, so both rules apply to either head (a
 retrieval logit is a cosine over the temperature ``T``). They are prediction rules on top of a
 trained checkpoint: nothing is trained, and ``w = b = 0`` is the model's own prediction.
-``benchmarks/sentence_prior.py`` measures them (docs/results.md).
+``benchmarks/sentence_prior.py`` measures them (docs/results.md); ``eval.py --prior_weight
+--unseen_offset`` evaluates a checkpoint with them.
 """
 
 from __future__ import annotations
@@ -84,6 +85,27 @@ def with_prior(logits: np.ndarray, cosines: np.ndarray, weight: float, offset: f
     return out if offset == 0 else out + offset * np.asarray(unseen, np.float32)
 
 
+def evaluate(loaded: Any, source: Any, weight: float, offset: float = 0.0) -> dict[str, Any]:
+    """``metrics.evaluate``'s dict of ``source`` under both rules, plus ``'rule'``.
+
+    ``offset`` goes to the checkpoint's ``data.unseen_relations`` (an error when it has none);
+    ``weight = offset = 0`` is the model's own evaluation. Reached by
+    ``eval.py --prior_weight=W --unseen_offset=B``.
+    """
+    if jax.process_count() > 1:
+        raise ValueError("the sentence prior reads every row on one host: run it in one process")
+    unseen = list(loaded.config.data.unseen_relations)
+    if offset and not unseen:
+        raise ValueError("unseen_offset needs a checkpoint trained with data.unseen_relations "
+                         "(this one saw every relation)")
+    labels, logits = split_logits(loaded, source)
+    cos = sentence_cosines(loaded, source) if weight else np.zeros_like(logits)
+    pred = np.argmax(with_prior(logits, cos, weight, offset,
+                                np.isin(np.asarray(loaded.label_names), unseen)), -1)
+    return {**metrics.evaluate(labels, pred, loaded.label_names),
+            "rule": {"prior_weight": weight, "unseen_offset": offset, "unseen_relations": unseen}}
+
+
 def figures(labels: np.ndarray, pred: np.ndarray, names: Sequence[str],
             unseen: Sequence[str]) -> dict[str, float]:
     """Micro-F1 in percent (``None`` neither gold nor predicted): all relations, the relations
@@ -103,6 +125,8 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
 
     ``by_offset``: offset -> weight -> figures; ``by_weight`` and ``selected``: the prior alone
     (offset 0); with more ``offsets``, ``calibrated`` (both) and ``offset_only`` (weight 0).
+    ``support``: relation -> gold samples of ``source``; ``per_relation_f1``: rule
+    (``without_prior``, ``selected``, ``calibrated``) -> relation -> F1 in percent.
     """
     if 0.0 not in offsets:
         raise ValueError(f"offsets {offsets} must hold 0.0 (the prior alone)")
@@ -113,17 +137,26 @@ def sweep(loaded: Any, source: Any, weights: Sequence[float], unseen: Sequence[s
     def predicted(w: float, b: float) -> np.ndarray:  # int [N]
         return np.argmax(with_prior(logits, cos, w, b, is_unseen), -1)
 
+    def per_relation(w: float, b: float) -> dict[str, float]:  # relation -> F1 in percent
+        ev = metrics.evaluate(labels, predicted(w, b), loaded.label_names)
+        return {r["relation"]: 100 * r["f1"] for r in ev["per_relation"]}
+
     grid = {str(b): {str(w): figures(labels, predicted(w, b), loaded.label_names, unseen)
                      for w in weights} for b in offsets}
     w, _ = best_of([grid], weights, [0.0])
+    support = np.bincount(labels, minlength=len(loaded.label_names))
     out = {"head": loaded.config.model.head, "temperature": temperature(loaded),
            "by_weight": grid["0.0"], "by_offset": grid, "selected_weight": w,
-           "selected": grid["0.0"][str(w)]}
+           "selected": grid["0.0"][str(w)],
+           "support": dict(zip(loaded.label_names, support.tolist(), strict=True)),
+           "per_relation_f1": {"without_prior": per_relation(0.0, 0.0),
+                               "selected": per_relation(w, 0.0)}}
     if len(offsets) > 1:
         w, b = best_of([grid], weights, offsets)
         _, b0 = best_of([grid], [0.0], offsets)
         out |= {"calibrated": {"weight": w, "offset": b, **grid[str(b)][str(w)]},
                 "offset_only": {"weight": 0.0, "offset": b0, **grid[str(b0)]["0.0"]}}
+        out["per_relation_f1"]["calibrated"] = per_relation(w, b)
     return out
 
 
@@ -154,7 +187,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per ``kind`` of run (``zero_shot``, ``full``): seeds, selected weights, and the mean of
     every figure at the selected weight, without the prior (``by_weight['0.0']``) and, with more
     than one run, at the held-out choice (``held_out``); where the runs have offsets, also the
-    offset alone and with the prior (each run's own choice)."""
+    offset alone and with the prior (each run's own choice); with per-relation figures,
+    ``relations_at_zero``."""
     keys = ("all_f1", "unseen_f1", "seen_f1")
     out = {}
     for kind in dict.fromkeys(r["kind"] for r in runs):
@@ -170,4 +204,18 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                       for which in ("offset_only", "calibrated", "held_out") if which in rows}
         out[kind] |= {f"{k}_{which}": float(np.mean([r[k] for r in group]))
                       for which, group in rows.items() for k in keys}
+        if all("per_relation_f1" in r for r in mine):
+            out[kind] |= relations_at_zero(mine)
     return out
+
+
+MIN_SUPPORT = 5  # issue 20: every relation with at least 5 val samples should get a non-zero F1
+
+
+def relations_at_zero(runs: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per rule of ``per_relation_f1``: the relations with at least ``MIN_SUPPORT`` gold samples
+    (not ``None``) whose F1 is 0 in at least one of ``runs``, as ``relations_at_zero_<rule>``."""
+    support = runs[0]["support"]
+    names = [n for n, k in support.items() if k >= MIN_SUPPORT and n != metrics.NONE_LABEL]
+    return {f"relations_at_zero_{rule}": [n for n in names if any(
+        r["per_relation_f1"][rule][n] == 0 for r in runs)] for rule in runs[0]["per_relation_f1"]}

@@ -1,7 +1,13 @@
 """roc_jax.sentence_prior on the tiny model trained on fixture data."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from roc_testutil import REPO
 
 import roc_jax
 from roc_jax import sentence_prior
@@ -28,6 +34,9 @@ def test_weight_zero_is_the_models_own_evaluation(loaded, val):
     assert swept["by_weight"]["0.0"]["all_f1"] == pytest.approx(100 * reference["f1"])
     assert swept["temperature"] == pytest.approx(float(loaded.model.temperature()))
     assert swept["selected_weight"] in (0.0, 1.0)
+    assert swept["per_relation_f1"]["without_prior"] == {
+        r["relation"]: pytest.approx(100 * r["f1"]) for r in reference["per_relation"]}
+    assert swept["support"] == {r["relation"]: r["support"] for r in reference["per_relation"]}
 
 
 class _Texts:
@@ -107,3 +116,32 @@ def test_summary_of_runs_without_offsets_holds_the_held_out_weight():
     assert summary["held_out_weights_offsets"] == [[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]
     assert summary["all_f1_held_out"] == pytest.approx(0.0)  # each seed's own best is never used
     assert summary["all_f1_selected"] == 1.0 and "calibrated_weights_offsets" not in summary
+
+
+def test_relations_at_zero_need_the_support_and_one_seed_at_zero():
+    support = {"None": 50, "a": 5, "b": 5, "c": 4}
+    runs = [{"support": support, "per_relation_f1": {"selected": {"None": 0.0, "a": a, "b": 10.0,
+                                                                   "c": 0.0}}} for a in (0.0, 20.0)]
+    assert sentence_prior.relations_at_zero(runs) == {"relations_at_zero_selected": ["a"]}
+
+
+def test_evaluate_applies_the_rule_the_sweep_measured(loaded, val):
+    swept = sentence_prior.sweep(loaded, val, (0.0, 2.0), unseen=loaded.label_names[1:3])
+    plain = sentence_prior.evaluate(loaded, val, 0.0)
+    assert plain["f1"] == loaded.evaluate_split("val")["f1"]
+    ruled = sentence_prior.evaluate(loaded, val, 2.0)
+    assert 100 * ruled["f1"] == pytest.approx(swept["by_weight"]["2.0"]["all_f1"])
+    assert ruled["rule"] == {"prior_weight": 2.0, "unseen_offset": 0.0, "unseen_relations": []}
+    with pytest.raises(ValueError, match="data.unseen_relations"):
+        sentence_prior.evaluate(loaded, val, 0.0, offset=1.0)  # this run saw every relation
+
+
+def test_eval_cli_with_the_prior(trained, loaded, val, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), f"--workdir={trained[0]}",
+                           "--prior_weight=2", f"--output_dir={tmp_path / 'eval'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "eval_prior_w2_b0" / "metrics_val.json").read_text())
+    assert got["f1"] == pytest.approx(sentence_prior.evaluate(loaded, val, 2.0)["f1"])
+    assert got["rule"]["prior_weight"] == 2.0
