@@ -28,6 +28,8 @@ from roc_jax.data import pipeline
 from roc_jax.labels.cache import text_encode_fn
 from roc_jax.models.scoring import relation_vectors
 
+MIN_SUPPORT = 5  # the gold samples from which a relation's F1 of 0 counts (relations_at_zero)
+
 
 def split_logits(loaded: Any, source: Any) -> tuple[np.ndarray, np.ndarray]:
     """Gold labels int ``[N]`` and the model's logits float32 ``[N, R]`` of ``source``, in order.
@@ -207,9 +209,6 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if all("per_relation_f1" in r for r in mine):
             out[kind] |= relations_at_zero(mine)
     return out
-
-
-MIN_SUPPORT = 5  # issue 20: every relation with at least 5 val samples should get a non-zero F1
 
 
 def relations_at_zero(runs: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
