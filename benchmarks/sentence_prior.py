@@ -2,8 +2,9 @@
 
 ``zero_shot=DIR``: trained with ``mnre_quality.py --protocol zero_shot``; ``full=DIR``: trained
 on all relations (no offsets: nothing is unseen). Either head; a classification run's kind is
-suffixed ``_classification``. Updates ``benchmarks/results/sentence_prior.json``
-(a run of the same kind and seed is replaced); see docs/results.md.
+suffixed ``_classification`` (``_classification_same_loss`` with ROC's column loss, the
+``cls_symmetric`` control). Updates ``benchmarks/results/sentence_prior.json`` (a run of the same
+kind and seed is replaced; each run records the machine it ran on); see docs/results.md.
 
     python benchmarks/sentence_prior.py --data_dir /path/to/mnre --workdirs zero_shot=runs/zs_s0
 """
@@ -46,14 +47,17 @@ def main() -> None:
         source = sources.load_sources(loaded.config, ["val"])["val"]
         if loaded.config.model.head != "retrieval":
             kind = f"{kind}_{loaded.config.model.head}"
+            if loaded.config.train.get("softmax_relation_to_pair", False):
+                kind += "_same_loss"
         run = {"kind": kind, "workdir": workdir, "seed": int(loaded.config.seed),
                **sentence_prior.sweep(loaded, source, WEIGHTS, UNSEEN_RELATIONS,
                                       OFFSETS if kind.startswith("zero_shot") else (0.0,))}
         runs = [r for r in runs if (r["kind"], r["seed"]) != (kind, run["seed"])]
-        runs.append({**run, "without_prior": run["by_weight"]["0.0"], "seconds": time.time() - t0})
+        runs.append({**run, "without_prior": run["by_weight"]["0.0"], "seconds": time.time() - t0,
+                     "machine": machine()})
         print(kind, run["seed"], run["selected_weight"], run["selected"], run.get("calibrated"),
               flush=True)
-    write_json(RESULTS, {"benchmark": "sentence_prior", "machine": machine(), "weights": list(WEIGHTS),
+    write_json(RESULTS, {"benchmark": "sentence_prior", "weights": list(WEIGHTS),
                          "offsets": list(OFFSETS), "summary": sentence_prior.summarize(runs),
                          "runs": runs})
 
